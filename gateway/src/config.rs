@@ -1,0 +1,372 @@
+//! The configuration file: TOML, parsed once into typed values at start.
+//!
+//! Every default is a named constant next to the setting that uses it, with the IIS or client
+//! behaviour it mirrors. `config/gateway.example.toml` documents every key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// IIS request filtering `maxUrl` and http.sys `MaxFieldLength` as the NDES guide sets them. It is
+/// also the hard ceiling of the `http` crate's URI type, so no configuration can go above it.
+pub const MAX_URI_BYTES: usize = 65_534;
+/// IIS request filtering `maxQueryString` as the NDES guide sets it.
+pub const MAX_QUERY_BYTES: usize = 65_534;
+/// http.sys `MaxRequestBytes` default is 16 KiB for the request line and headers together; headers
+/// alone get the same 16 KiB here so a long SCEP request line never eats the header budget.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// A PKCSReq is 2.5 KB (RSA 2048) to 4 KB (RSA 4096) of DER; 64 KiB leaves room for large
+/// chains in a renewal while keeping what one request can make the gateway buffer small.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// A client that has not sent a whole request head by then is slow or hostile (nginx's
+/// client_header_timeout is 60 s; SCEP clients send their head at once).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A PKIOperation body is a few KB sent at once; a sender slower than this is not a SCEP client.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A keep-alive connection with no request in flight is closed after this long. IIS's own
+/// connectionTimeout is 120 s; devices enrol in a few requests and go away.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Enough for a large fleet enrolling at once; each idle TLS connection costs a few KiB.
+pub const MAX_CONNECTIONS: usize = 10_000;
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// NDES waits on Intune's challenge validation and on the CA before it answers a PKIOperation;
+/// Entra Application Proxy's 85 s default is known to be too short for it.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Below IIS's 120 s connectionTimeout, so the gateway drops an idle upstream connection before
+/// IIS does and never sends a request onto a connection that is being closed.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const POOL_MAX_IDLE: usize = 64;
+
+/// The file as written, before anything is loaded from disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub addr: SocketAddr,
+    /// PEM: the certificate for the public name first, then the intermediates to send.
+    pub cert: PathBuf,
+    /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key.
+    pub key: PathBuf,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The full SCEP URL of NDES, path included.
+    pub url: String,
+    /// PEM file of the trust anchors for the NDES certificate; the system roots are never used.
+    pub ca: Option<PathBuf>,
+    /// The name the NDES certificate must carry, sent as SNI; defaults to the URL's host.
+    pub server_name: Option<String>,
+    /// The Host header sent upstream; defaults to `server_name`.
+    pub host_header: Option<String>,
+    /// SHA-256 of a SubjectPublicKeyInfo in the presented chain, base64 (Envoy's format).
+    #[serde(default)]
+    pub spki_sha256: Vec<String>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_response_timeout", deserialize_with = "duration")]
+    pub response_timeout: Duration,
+    #[serde(default = "default_pool_idle_timeout", deserialize_with = "duration")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: usize,
+    #[serde(default = "default_max_query_bytes")]
+    pub max_query_bytes: usize,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_uri_bytes: MAX_URI_BYTES,
+            max_query_bytes: MAX_QUERY_BYTES,
+            max_header_bytes: MAX_HEADER_BYTES,
+            max_body_bytes: MAX_BODY_BYTES,
+            header_timeout: HEADER_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `ndes_gateway=debug,hyper=info`... RUST_LOG wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_handshake_timeout() -> Duration {
+    HANDSHAKE_TIMEOUT
+}
+fn default_idle_timeout() -> Duration {
+    IDLE_TIMEOUT
+}
+fn default_max_connections() -> usize {
+    MAX_CONNECTIONS
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_concurrent_streams() -> u32 {
+    MAX_CONCURRENT_STREAMS
+}
+fn default_connect_timeout() -> Duration {
+    CONNECT_TIMEOUT
+}
+fn default_response_timeout() -> Duration {
+    RESPONSE_TIMEOUT
+}
+fn default_pool_idle_timeout() -> Duration {
+    POOL_IDLE_TIMEOUT
+}
+fn default_pool_max_idle() -> usize {
+    POOL_MAX_IDLE
+}
+fn default_max_uri_bytes() -> usize {
+    MAX_URI_BYTES
+}
+fn default_max_query_bytes() -> usize {
+    MAX_QUERY_BYTES
+}
+fn default_max_header_bytes() -> usize {
+    MAX_HEADER_BYTES
+}
+fn default_max_body_bytes() -> usize {
+    MAX_BODY_BYTES
+}
+fn default_header_timeout() -> Duration {
+    HEADER_TIMEOUT
+}
+fn default_body_timeout() -> Duration {
+    BODY_TIMEOUT
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// Durations are written as strings, "10s", "2m", "500ms" (humantime's syntax).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration ({e}); write e.g. \"10s\", \"2m\", \"500ms\""
+        ))
+    })
+}
+
+/// A configuration problem, said so that an operator can fix it: which file, which key, what.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and parses the file. Relative certificate paths are taken relative to the file's
+    /// folder, so a config and its certificates can move together.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let mut config =
+            Config::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        if let Some(base) = path.parent() {
+            config.resolve_paths(base);
+        }
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.listen.cert);
+        fix(&mut self.listen.key);
+        if let Some(ca) = self.upstream.ca.as_mut() {
+            fix(ca);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        if l.max_uri_bytes == 0 || l.max_uri_bytes > MAX_URI_BYTES {
+            return bad(
+                "limits.max_uri_bytes",
+                format!(
+                    "{} is out of range: 1 to {MAX_URI_BYTES} (IIS maxUrl for NDES is 65534)",
+                    l.max_uri_bytes
+                ),
+            );
+        }
+        if l.max_query_bytes == 0 || l.max_query_bytes > MAX_QUERY_BYTES {
+            return bad(
+                "limits.max_query_bytes",
+                format!(
+                    "{} is out of range: 1 to {MAX_QUERY_BYTES}",
+                    l.max_query_bytes
+                ),
+            );
+        }
+        if l.max_header_bytes < 256 || l.max_header_bytes > 1024 * 1024 {
+            return bad(
+                "limits.max_header_bytes",
+                format!("{} is out of range: 256 to 1048576", l.max_header_bytes),
+            );
+        }
+        if l.max_body_bytes > 16 * 1024 * 1024 {
+            return bad(
+                "limits.max_body_bytes",
+                format!("{} is over 16 MiB", l.max_body_bytes),
+            );
+        }
+        for (key, d) in [
+            ("limits.header_timeout", l.header_timeout),
+            ("limits.body_timeout", l.body_timeout),
+            ("listen.handshake_timeout", self.listen.handshake_timeout),
+            ("listen.idle_timeout", self.listen.idle_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be more than zero".to_owned());
+            }
+        }
+        if self.listen.max_connections == 0 {
+            return bad("listen.max_connections", "must be at least 1".to_owned());
+        }
+        if self.listen.max_concurrent_streams == 0 {
+            return bad(
+                "listen.max_concurrent_streams",
+                "must be at least 1".to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        addr = "127.0.0.1:8443"
+        cert = "gw.pem"
+        key = "gw.key"
+        [upstream]
+        url = "https://ndes.corp.test/certsrv/mscep/mscep.dll"
+        ca = "root.pem"
+    "#;
+
+    #[test]
+    fn defaults_mirror_the_ndes_guide() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.max_uri_bytes, 65_534);
+        assert_eq!(c.limits.max_query_bytes, 65_534);
+        assert_eq!(c.limits.max_header_bytes, 16_384);
+        assert_eq!(c.limits.max_body_bytes, 65_536);
+        assert_eq!(c.upstream.response_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn durations_are_strings() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nresponse_timeout = \"3m\"");
+        assert_eq!(
+            Config::parse(&text).unwrap().upstream.response_timeout,
+            Duration::from_secs(180)
+        );
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nresponse_timeout = \"soon\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("response_timeout") && err.contains("not a duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nurll = \"x\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn uri_limit_cannot_pass_the_uri_ceiling() {
+        let text = format!("{MINIMAL}\n[limits]\nmax_uri_bytes = 65535\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("limits.max_uri_bytes"), "{err}");
+    }
+}

@@ -1,0 +1,314 @@
+//! The local demo: a real SCEP enrolment through the gateway, on loopback.
+//!
+//! micromdm scepserver plays the CA; a second gateway instance plays IIS in front of it (TLS with
+//! the NDES certificate, the NDES path mapped onto scepserver's `/scep`); the public gateway
+//! publishes it with pinned trust; scepclient enrols through the public gateway.
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::config::{Config, ConfigError};
+use crate::devpki::{self, DevPki, NDES_NAME};
+use crate::upstream::spki_sha256;
+use crate::Gateway;
+
+/// The enrolment challenge scepserver is started with.
+pub const CHALLENGE: &str = "secret";
+
+/// A port free on loopback right now (the OS picks it; a tiny race with other programs remains).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Finds a program on PATH, or says how to install it.
+pub fn require_program(name: &str, package: &str) -> Result<PathBuf, String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!("{name} not found on PATH: install it with `sudo apt-get install -y {package}`")
+        })
+}
+
+/// micromdm scepserver, started on a free port with a fresh CA in `dir/depot`. Killed on drop.
+pub struct ScepServer {
+    pub port: u16,
+    pub depot: PathBuf,
+    child: Child,
+}
+
+impl ScepServer {
+    pub async fn start(dir: &Path) -> Result<ScepServer, String> {
+        let program = require_program("scepserver", "scep")?;
+        let depot = dir.join("depot");
+        let init = Command::new(&program)
+            .args(["ca", "-init", "-depot"])
+            .arg(&depot)
+            .output()
+            .await
+            .map_err(|e| format!("scepserver ca -init: {e}"))?;
+        if !init.status.success() {
+            return Err(format!(
+                "scepserver ca -init failed: {}",
+                String::from_utf8_lossy(&init.stderr)
+            ));
+        }
+        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+        let log = std::fs::File::create(dir.join("scepserver.log"))
+            .map_err(|e| format!("scepserver.log: {e}"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("scepserver.log: {e}"))?;
+        // scepserver 2.1.0 has no bind-address flag: it listens on every interface.
+        let child = Command::new(&program)
+            .arg("-depot")
+            .arg(&depot)
+            .args(["-port", &port.to_string(), "-challenge", CHALLENGE])
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting scepserver: {e}"))?;
+        let server = ScepServer { port, depot, child };
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "scepserver did not start listening on port {port}; see {}",
+                dir.join("scepserver.log").display()
+            )
+        })?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/scep", self.port)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+pub async fn wait_for_port(addr: SocketAddr, within: Duration) -> Result<(), ()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(())
+}
+
+/// The TLS front that plays IIS on the NDES host: the NDES certificate, plain HTTP to scepserver
+/// on loopback. Limits as wide as the public gateway's, so it never refuses what the gateway passes.
+pub fn front_config(pki: &DevPki, scepserver_url: &str) -> Result<Config, ConfigError> {
+    Config::parse(&format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+cert = {cert:?}
+key = {key:?}
+[upstream]
+url = {url:?}
+[log]
+level = "warn"
+"#,
+        cert = pki.ndes_cert.display().to_string(),
+        key = pki.ndes_key.display().to_string(),
+        url = scepserver_url,
+    ))
+}
+
+/// The public gateway's config, as an operator would write it for a real NDES.
+pub fn public_config_text(
+    pki: &DevPki,
+    listen: SocketAddr,
+    ndes: SocketAddr,
+) -> Result<String, String> {
+    let ndes_pem =
+        std::fs::read(&pki.ndes_cert).map_err(|e| format!("{}: {e}", pki.ndes_cert.display()))?;
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(&ndes_pem)
+        .map(|c: rustls_pki_types::CertificateDer<'static>| c)
+        .map_err(|e| format!("{}: {e}", pki.ndes_cert.display()))?;
+    let pin = spki_sha256(&der).ok_or("cannot read the NDES certificate's public key")?;
+    Ok(format!(
+        r#"# The demo's public gateway: what an operator writes for a real NDES.
+[listen]
+addr = "{listen}"
+cert = {cert:?}
+key = {key:?}
+
+[upstream]
+# The internal NDES, its CA, its name, and the SPKI pin of its certificate.
+url = "https://{ndes}/certsrv/mscep/mscep.dll"
+ca = {ca:?}
+server_name = "{NDES_NAME}"
+spki_sha256 = ["{pin}"]
+"#,
+        cert = pki.gateway_cert.display().to_string(),
+        key = pki.gateway_key.display().to_string(),
+        ca = pki.root.display().to_string(),
+    ))
+}
+
+/// Runs scepclient in `dir` (it keeps state in the current folder) against `url`.
+pub async fn enrol(dir: &Path, url: &str, root: &Path, cn: &str) -> Result<PathBuf, String> {
+    let program = require_program("scepclient", "scep")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let run = Command::new(program)
+        .current_dir(dir)
+        .env("SSL_CERT_FILE", root)
+        .args([
+            "-server-url",
+            url,
+            "-challenge",
+            CHALLENGE,
+            "-private-key",
+            "device.key",
+        ])
+        .args([
+            "-certificate",
+            "device.pem",
+            "-cn",
+            cn,
+            "-organization",
+            "ndes-gateway demo",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .map_err(|_| "scepclient did not finish within 120 s".to_owned())?
+        .map_err(|e| format!("scepclient: {e}"))?;
+    let cert = dir.join("device.pem");
+    if !out.status.success() || !cert.is_file() {
+        return Err(format!(
+            "scepclient failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(cert)
+}
+
+/// Subject, issuer and expiry of the first certificate in a PEM file, for people to read.
+pub fn describe_certificate(pem_path: &Path) -> Result<(String, String, String), String> {
+    use der::Decode;
+    let der: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_file(pem_path)
+            .map_err(|e| format!("{}: {e}", pem_path.display()))?;
+    let cert = x509_cert::Certificate::from_der(&der)
+        .map_err(|e| format!("{}: {e}", pem_path.display()))?;
+    let tbs = &cert.tbs_certificate;
+    Ok((
+        tbs.subject.to_string(),
+        tbs.issuer.to_string(),
+        tbs.validity.not_after.to_string(),
+    ))
+}
+
+pub struct DemoOptions {
+    pub dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// Stop after the enrolment instead of waiting for Ctrl-C (for scripts).
+    pub once: bool,
+}
+
+pub async fn run(opts: DemoOptions) -> Result<(), String> {
+    require_program("scepserver", "scep")?;
+    require_program("scepclient", "scep")?;
+    let dir = match opts.dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("ndes-gateway-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    println!("demo folder: {}", dir.display());
+
+    let pki = devpki::generate(&dir.join("pki"))?;
+    println!(
+        "dev PKI: root {}, NDES certificate for {NDES_NAME}",
+        pki.root.display()
+    );
+
+    let scep = ScepServer::start(&dir).await?;
+    println!(
+        "CA: micromdm scepserver on {} (challenge {CHALLENGE:?})",
+        scep.url()
+    );
+
+    let front = Gateway::start(&front_config(&pki, &scep.url()).map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| format!("NDES stand-in: {e}"))?;
+    println!(
+        "NDES stand-in: https://{}/certsrv/mscep/mscep.dll (TLS as {NDES_NAME}) -> scepserver",
+        front.local_addr()
+    );
+
+    let text = public_config_text(&pki, opts.listen, front.local_addr())?;
+    let config_path = dir.join("gateway.toml");
+    std::fs::write(&config_path, &text).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let config = Config::load(&config_path).map_err(|e| e.to_string())?;
+    let public = Gateway::start(&config).await.map_err(|e| {
+        format!(
+            "public gateway: {e}\n(another program on {}? try `demo --listen 127.0.0.1:0`)",
+            opts.listen
+        )
+    })?;
+    let addr = public.local_addr();
+    let url = format!("https://localhost:{}/certsrv/mscep/mscep.dll", addr.port());
+    println!("gateway: {url} (config {})", config_path.display());
+
+    println!("\nenrolling with scepclient through the gateway...");
+    let result = enrol(&dir.join("client"), &url, &pki.root, "demo-device").await;
+    let outcome = match result {
+        Ok(cert) => {
+            let (subject, issuer, not_after) = describe_certificate(&cert)?;
+            println!("enrolled: certificate {}", cert.display());
+            println!("  subject:   {subject}");
+            println!("  issuer:    {issuer}");
+            println!("  not after: {not_after}");
+            Ok(())
+        }
+        Err(e) => Err(format!("enrolment through the gateway failed: {e}")),
+    };
+
+    if outcome.is_ok() {
+        let root = pki.root.display();
+        println!(
+            r#"
+Try it by hand while the demo runs:
+  curl --cacert {root} '{url}?operation=GetCACaps'
+  curl --cacert {root} -o ca.der '{url}?operation=GetCACert&message=demo'
+  curl --cacert {root} -i 'https://localhost:{port}/certsrv/mscep_admin/'      # 404: never published
+  curl --cacert {root} -i '{url}?operation=Nope'                              # 400
+  (cd "$(mktemp -d)" && SSL_CERT_FILE={root} scepclient -server-url {url} -challenge {CHALLENGE} -private-key k.key -certificate k.pem -cn my-device)
+  ndes-gateway check --config {config}
+"#,
+            port = addr.port(),
+            config = config_path.display(),
+        );
+        if !opts.once {
+            println!("Press Ctrl-C to stop.");
+            let _ = tokio::signal::ctrl_c().await;
+            println!("stopping...");
+        }
+    }
+    public.shutdown().await;
+    front.shutdown().await;
+    scep.stop().await;
+    outcome
+}

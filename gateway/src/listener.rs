@@ -1,0 +1,345 @@
+//! The public listener: accept under a connection cap, TLS handshake under a timeout, then HTTP/2
+//! or HTTP/1.1 by ALPN with every hyper limit set explicitly, and an idle timeout.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+
+/// How long a connection told to close (idle, or the gateway stopping) may take to finish what it
+/// has in flight before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Room in hyper's HTTP/1.1 read buffer beyond the request-target and header limits: the method,
+/// the version, line ends. A head larger than the buffer gets hyper's own 431.
+const HEAD_SLACK_BYTES: usize = 8 * 1024;
+/// HTTP/2 counts 32 bytes of overhead per header field (RFC 9113 §6.5.2) on top of the same limits.
+const H2_HEADER_LIST_SLACK_BYTES: usize = 8 * 1024;
+
+pub struct ListenerSettings {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    http1: auto::Builder<TokioExecutor>,
+    http2: Option<auto::Builder<TokioExecutor>>,
+}
+
+impl ListenerSettings {
+    pub fn from_config(c: &Config) -> ListenerSettings {
+        let l = &c.limits;
+        let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+        http1
+            .http1()
+            .timer(TokioTimer::new())
+            // hyper enforces this only with a timer set.
+            .header_read_timeout(l.header_timeout)
+            .keep_alive(true)
+            .half_close(false)
+            .max_buf_size(l.max_uri_bytes + l.max_header_bytes + HEAD_SLACK_BYTES)
+            .writev(true);
+        let http2 = c.listen.http2.then(|| {
+            let mut b = auto::Builder::new(TokioExecutor::new()).http2_only();
+            b.http2()
+                .timer(TokioTimer::new())
+                // hyper's default of 16 KiB would refuse a 65534-byte :path.
+                .max_header_list_size(
+                    (l.max_uri_bytes + l.max_header_bytes + H2_HEADER_LIST_SLACK_BYTES) as u32,
+                )
+                .max_concurrent_streams(c.listen.max_concurrent_streams)
+                .keep_alive_interval(None)
+                .max_pending_accept_reset_streams(Some(20))
+                .max_local_error_reset_streams(Some(1024));
+            b
+        });
+        ListenerSettings {
+            handshake_timeout: c.listen.handshake_timeout,
+            idle_timeout: c.listen.idle_timeout,
+            max_connections: c.listen.max_connections,
+            http1,
+            http2,
+        }
+    }
+}
+
+/// Accepts until `shutdown` turns true, then waits for open connections to finish.
+pub async fn run(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    settings: Arc<ListenerSettings>,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors or a connection reset before accept: wait a little
+                // rather than spin, and keep serving the connections already open.
+                tracing::warn!(target: "ndes_gateway::listener", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                target: "ndes_gateway::listener",
+                client = %peer.ip(),
+                limit = settings.max_connections,
+                "connection refused: listen.max_connections reached"
+            );
+            drop(tcp);
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let settings = settings.clone();
+        let proxy = proxy.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, acceptor, settings, proxy, shutdown).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    // Every open connection holds a slot: getting them all back means all have finished.
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(CLOSE_GRACE, slots.acquire_many(all)).await;
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    settings: Arc<ListenerSettings>,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(target: "ndes_gateway::tls", client = %peer.ip(), error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(target: "ndes_gateway::tls", client = %peer.ip(), "TLS handshake timed out (listen.handshake_timeout)");
+            return;
+        }
+    };
+    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let builder = match (&settings.http2, is_h2) {
+        (Some(h2), true) => h2,
+        _ => &settings.http1,
+    };
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(ActivityIo {
+        inner: tls,
+        activity: activity.clone(),
+    });
+    let in_service = activity.clone();
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let guard = InFlight::new(in_service.clone());
+        async move {
+            let response = proxy.handle(req, peer).await;
+            drop(guard);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut closing_since: Option<Instant> = None;
+    loop {
+        let wake = match closing_since {
+            Some(since) => since + CLOSE_GRACE,
+            None => activity.next_idle_check(settings.idle_timeout),
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    log_connection_error(&*e, peer);
+                }
+                return;
+            }
+            _ = shutdown.changed(), if closing_since.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing_since = Some(Instant::now());
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if closing_since.is_some() {
+                    tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "connection dropped after the close grace period");
+                    return;
+                }
+                if activity.is_idle(settings.idle_timeout) {
+                    tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "idle connection closed (listen.idle_timeout)");
+                    conn.as_mut().graceful_shutdown();
+                    closing_since = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// Errors that end a connection. hyper answers malformed heads itself (400, 414 past the URI
+/// type's 65534-byte ceiling, 431 past the read buffer) and reports them here.
+fn log_connection_error(e: &(dyn std::error::Error + 'static), peer: SocketAddr) {
+    let Some(he) = e.downcast_ref::<hyper::Error>() else {
+        tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %e, "connection error");
+        return;
+    };
+    if he.is_parse_too_large() {
+        let what = if he.to_string().contains("URI too long") {
+            "request-target over 65534 bytes (limits.max_uri_bytes): answered 414"
+        } else {
+            "request head over the read buffer (limits.max_uri_bytes + limits.max_header_bytes): answered 431"
+        };
+        tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), reason = what, "request refused by the HTTP parser");
+    } else if he.is_parse() {
+        tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), error = %he, "malformed request: answered 400");
+    } else if he.is_timeout() {
+        tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), "request head not received within limits.header_timeout");
+    } else {
+        tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %he, "connection error");
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// When the connection last moved bytes, and how many requests it has in flight; what the idle
+/// timeout looks at. Atomics, because hyper polls the IO and the service from different places.
+struct Activity {
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        let a = Activity {
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        };
+        a.touch();
+        a
+    }
+
+    fn touch(&self) {
+        let ms = Instant::now()
+            .saturating_duration_since(epoch())
+            .as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        epoch() + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    fn is_idle(&self, timeout: Duration) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0 && self.last().elapsed() >= timeout
+    }
+
+    fn next_idle_check(&self, timeout: Duration) -> Instant {
+        let now = Instant::now();
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return now + timeout;
+        }
+        (self.last() + timeout).max(now + Duration::from_millis(10))
+    }
+}
+
+/// Counts a request in flight until its response head is handed back (or the request is dropped).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The TLS stream, noting each read and write that moves bytes.
+struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,181 @@
+//! The `ndes-gateway` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ndes_gateway::config::Config;
+use ndes_gateway::{demo, logging, prepare, Gateway};
+
+/// Publishes a Microsoft NDES (SCEP) server to the internet: TLS for the public name, IIS-equivalent
+/// request filtering at the edge, and a pinned TLS connection to the internal NDES.
+#[derive(Parser)]
+#[command(name = "ndes-gateway", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve: publish the configured NDES until stopped (Ctrl-C or SIGTERM).
+    Serve {
+        /// The configuration file (TOML); see config/gateway.example.toml.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a configuration: parse it, load the certificates, check the key matches, print the
+    /// effective settings. Exit 0 when all is well, 1 with the file, key and problem otherwise.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the local demo: a dev PKI, micromdm scepserver behind a TLS front, the gateway in
+    /// front of that, and a real enrolment with scepclient through it (needs the Debian package
+    /// `scep`).
+    Demo {
+        /// Where the demo writes its PKI, logs and the enrolled certificate (default: a new
+        /// folder under the temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The public gateway's address.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Stop after the enrolment instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ndes-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::Check { config } => check(config),
+        Command::Demo { dir, listen, once } => {
+            logging::init(&ndes_gateway::config::LogConfig {
+                level: "warn,ndes_gateway::access=info".to_owned(),
+                ..Default::default()
+            });
+            runtime.block_on(demo::run(demo::DemoOptions { dir, listen, once }))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ndes-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&path).map_err(|e| e.to_string())?;
+    logging::init(&config.log);
+    let gateway = Gateway::start(&config).await.map_err(|e| e.to_string())?;
+    wait_for_stop_signal().await;
+    tracing::info!(target: "ndes_gateway", "stopping: finishing requests in flight");
+    gateway.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn check(path: PathBuf) -> Result<(), String> {
+    let config = Config::load(&path).map_err(|e| e.to_string())?;
+    let prepared = prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (subject, _, not_after) = demo::describe_certificate(&config.listen.cert)?;
+    let c = &prepared.config;
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    println!("{}: OK", path.display());
+    println!("[listen]");
+    println!("addr = \"{}\"", c.listen.addr);
+    println!(
+        "cert = {:?}  # {subject}, valid until {not_after}",
+        c.listen.cert.display().to_string()
+    );
+    println!(
+        "key = {:?}  # matches the certificate",
+        c.listen.key.display().to_string()
+    );
+    println!("handshake_timeout = \"{}\"", d(c.listen.handshake_timeout));
+    println!("idle_timeout = \"{}\"", d(c.listen.idle_timeout));
+    println!("max_connections = {}", c.listen.max_connections);
+    println!("http2 = {}", c.listen.http2);
+    println!(
+        "max_concurrent_streams = {}",
+        c.listen.max_concurrent_streams
+    );
+    println!("[upstream]");
+    println!("url = {:?}", c.upstream.url);
+    if let Some(ca) = &c.upstream.ca {
+        println!("ca = {:?}", ca.display().to_string());
+    }
+    println!("server_name = \"{}\"", prepared.target.server_name.to_str());
+    println!(
+        "host_header = {:?}",
+        prepared.target.host_header.to_str().unwrap_or("")
+    );
+    println!("spki_sha256 = {:?}", c.upstream.spki_sha256);
+    println!("connect_timeout = \"{}\"", d(c.upstream.connect_timeout));
+    println!("response_timeout = \"{}\"", d(c.upstream.response_timeout));
+    println!(
+        "pool_idle_timeout = \"{}\"",
+        d(c.upstream.pool_idle_timeout)
+    );
+    println!("pool_max_idle = {}", c.upstream.pool_max_idle);
+    println!("[limits]");
+    println!("max_uri_bytes = {}", c.limits.max_uri_bytes);
+    println!("max_query_bytes = {}", c.limits.max_query_bytes);
+    println!("max_header_bytes = {}", c.limits.max_header_bytes);
+    println!("max_body_bytes = {}", c.limits.max_body_bytes);
+    println!("header_timeout = \"{}\"", d(c.limits.header_timeout));
+    println!("body_timeout = \"{}\"", d(c.limits.body_timeout));
+    println!("[log]");
+    println!(
+        "format = \"{}\"",
+        if c.log.format == ndes_gateway::config::LogFormat::Json {
+            "json"
+        } else {
+            "text"
+        }
+    );
+    println!("level = {:?}", c.log.level);
+    if prepared.target.tls.is_none() {
+        println!(
+            "# warning: plain http:// upstream on loopback: only for a SCEP server on this host"
+        );
+    }
+    Ok(())
+}

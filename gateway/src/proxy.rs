@@ -1,0 +1,314 @@
+//! One request's straight line: filter, read the body within its limit, forward to NDES, pass the
+//! answer back unchanged, write the access line.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, CONTENT_LENGTH, HOST};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use crate::filter::{
+    request_target_len, RejectReason, Rejection, RequestLimits, ScepPath, ScepRequest,
+    PKICLIENT_SUFFIX,
+};
+use crate::upstream::{Upstream, UpstreamErrorKind};
+
+pub type GatewayBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The per-gateway request pipeline.
+pub struct Proxy {
+    pub limits: RequestLimits,
+    pub body_timeout: Duration,
+    pub upstream: Upstream,
+}
+
+/// What became of a request, for the access line.
+#[derive(Default)]
+struct Outcome {
+    operation: Option<&'static str>,
+    upstream_status: Option<u16>,
+    rejected: Option<RejectReason>,
+    upstream_error: Option<UpstreamErrorKind>,
+}
+
+impl Proxy {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<GatewayBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let version = req.version();
+        let target_bytes = request_target_len(req.uri(), version);
+        let mut outcome = Outcome::default();
+        let response = self.forward(req, client, &mut outcome).await;
+        let status = response.status().as_u16();
+        tracing::info!(
+            target: "ndes_gateway::access",
+            client = %client.ip(),
+            method = %method,
+            version = ?version,
+            operation = outcome.operation.unwrap_or("-"),
+            target_bytes,
+            status,
+            upstream_status = outcome.upstream_status.unwrap_or(0),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            rejected = outcome.rejected.map_or("-", RejectReason::label),
+            upstream_error = outcome.upstream_error.map_or("-", UpstreamErrorKind::label),
+            "request"
+        );
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        outcome: &mut Outcome,
+    ) -> Response<GatewayBody> {
+        let (parts, body) = req.into_parts();
+        let scep = match self
+            .limits
+            .check(&parts.method, &parts.uri, parts.version, &parts.headers)
+        {
+            Ok(scep) => scep,
+            Err(rejection) => return reject(rejection, client, outcome),
+        };
+        outcome.operation = Some(scep.operation.map_or("bare", |op| op.as_str()));
+
+        let body = if parts.method == Method::POST {
+            match self.read_body(body).await {
+                Ok(bytes) => bytes,
+                Err(rejection) => return reject(rejection, client, outcome),
+            }
+        } else {
+            Bytes::new()
+        };
+
+        let upstream_req = match self.upstream_request(
+            &parts.method,
+            &parts.uri,
+            parts.headers,
+            &scep,
+            body,
+            client,
+        ) {
+            Ok(r) => r,
+            Err(rejection) => return reject(rejection, client, outcome),
+        };
+        match self.upstream.send(upstream_req).await {
+            Ok(resp) => {
+                outcome.upstream_status = Some(resp.status().as_u16());
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed_unsync())
+            }
+            Err(e) => {
+                outcome.upstream_error = Some(e.kind);
+                tracing::warn!(
+                    target: "ndes_gateway::upstream",
+                    client = %client.ip(),
+                    kind = e.kind.label(),
+                    error = %e.message,
+                    "request not answered by NDES"
+                );
+                // The client learns that NDES could not be reached, not why: internal names and
+                // certificate details stay in the log.
+                let (status, text) = match e.kind {
+                    UpstreamErrorKind::Timeout => {
+                        (StatusCode::GATEWAY_TIMEOUT, "NDES did not answer in time")
+                    }
+                    _ => (
+                        StatusCode::BAD_GATEWAY,
+                        "the gateway could not get an answer from NDES",
+                    ),
+                };
+                text_response(
+                    status,
+                    format!(
+                        "{} {}: {text}\n",
+                        status.as_str(),
+                        status.canonical_reason().unwrap_or("")
+                    ),
+                    None,
+                )
+            }
+        }
+    }
+
+    /// Reads a PKIOperation body whole, within the limit and the body timeout: NDES needs it with a
+    /// Content-Length (IIS does not take chunked uploads by default), and a slow sender must not
+    /// hold a connection to NDES open.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Rejection> {
+        let limit = self.limits.max_body_bytes;
+        match tokio::time::timeout(self.body_timeout, Limited::new(body, limit).collect()).await {
+            Err(_) => Err(Rejection {
+                status: StatusCode::REQUEST_TIMEOUT,
+                reason: RejectReason::BadRequest,
+                detail: "the request body did not arrive within limits.body_timeout".to_owned(),
+                allow: None,
+            }),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Rejection {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                reason: RejectReason::BodyTooLarge,
+                detail: format!(
+                    "the body is over the limit of {limit} bytes (limits.max_body_bytes)"
+                ),
+                allow: None,
+            }),
+            Ok(Err(e)) => Err(Rejection {
+                status: StatusCode::BAD_REQUEST,
+                reason: RejectReason::BadRequest,
+                detail: format!("the request body could not be read: {e}"),
+                allow: None,
+            }),
+        }
+    }
+
+    fn upstream_request(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        mut headers: HeaderMap,
+        scep: &ScepRequest,
+        body: Bytes,
+        client: SocketAddr,
+    ) -> Result<Request<Full<Bytes>>, Rejection> {
+        let target = &self.upstream.target;
+        let suffix = match scep.path {
+            ScepPath::Dll => "",
+            ScepPath::PkiClientExe => PKICLIENT_SUFFIX,
+        };
+        let upstream_uri = target.uri_for(suffix, uri.query()).ok_or_else(|| Rejection {
+            status: StatusCode::URI_TOO_LONG,
+            reason: RejectReason::UriTooLong,
+            detail: "the request-target is too long once mapped onto the upstream path (upstream.url)".to_owned(),
+            allow: None,
+        })?;
+        strip_hop_by_hop(&mut headers);
+        // What the client says about forwarding is not believed: the gateway is the edge.
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(&X_FORWARDED_PROTO);
+        headers.remove(&FORWARDED);
+        headers.insert(HOST, target.host_header.clone());
+        if let Ok(v) = HeaderValue::from_str(&client.ip().to_string()) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        if method == Method::POST {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        } else {
+            headers.remove(CONTENT_LENGTH);
+        }
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = upstream_uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
+}
+
+fn reject(
+    rejection: Rejection,
+    client: SocketAddr,
+    outcome: &mut Outcome,
+) -> Response<GatewayBody> {
+    outcome.rejected = Some(rejection.reason);
+    tracing::info!(
+        target: "ndes_gateway::filter",
+        client = %client.ip(),
+        status = rejection.status.as_u16(),
+        reason = rejection.reason.label(),
+        detail = %rejection.detail,
+        "request refused at the edge"
+    );
+    text_response(rejection.status, rejection.body(), rejection.allow)
+}
+
+/// The gateway's own answers: short, text/plain, never cached.
+pub fn text_response(
+    status: StatusCode,
+    body: String,
+    allow: Option<&'static str>,
+) -> Response<GatewayBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(allow) = allow {
+        h.insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    resp
+}
+
+/// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including any the Connection
+/// header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/x-pki-message"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+}

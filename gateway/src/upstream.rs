@@ -1,0 +1,586 @@
+//! The connection to the internal NDES: a new TLS connection that trusts only the configured
+//! anchors, checks the NDES name, and optionally pins keys of the presented chain; pooled,
+//! keep-alive, HTTP/1.1 (what IIS speaks to a proxy).
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{ConfigError, UpstreamConfig};
+use crate::tls::{load_certificates, provider};
+
+/// What went wrong on the way to NDES; drives the log line, the status and the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    TlsChain,
+    TlsName,
+    PinMismatch,
+    Timeout,
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::TlsChain => "tls_chain",
+            UpstreamErrorKind::TlsName => "tls_name",
+            UpstreamErrorKind::PinMismatch => "pin_mismatch",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub kind: UpstreamErrorKind,
+    pub message: String,
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.label(), self.message)
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// No SPKI pin of the configured list matched any certificate of the presented chain.
+#[derive(Debug)]
+struct PinMismatch;
+
+impl fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no certificate in the chain matches upstream.spki_sha256")
+    }
+}
+
+impl std::error::Error for PinMismatch {}
+
+/// SHA-256 of a certificate's SubjectPublicKeyInfo, base64: the format of Envoy's
+/// `verify_certificate_spki` and of `openssl x509 -pubkey | openssl pkey -pubin -outform der |
+/// openssl dgst -sha256 -binary | base64`.
+pub fn spki_sha256(cert: &[u8]) -> Option<String> {
+    spki_digest(cert).map(|d| base64::engine::general_purpose::STANDARD.encode(d))
+}
+
+fn spki_digest(cert: &[u8]) -> Option<[u8; 32]> {
+    use der::{Decode, Encode};
+    let parsed = x509_cert::Certificate::from_der(cert).ok()?;
+    let spki = parsed
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .ok()?;
+    Some(Sha256::digest(spki).into())
+}
+
+/// Chain and name checks by webpki against the configured anchors only, then the pins.
+#[derive(Debug)]
+struct PinnedVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    pins: Vec<[u8; 32]>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if self.pins.is_empty() {
+            return Ok(verified);
+        }
+        let matched = std::iter::once(end_entity)
+            .chain(intermediates)
+            .filter_map(|c| spki_digest(c))
+            .any(|d| self.pins.contains(&d));
+        if matched {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(PinMismatch)),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Who NDES is and how far to trust it, resolved from `[upstream]` once at start.
+#[derive(Clone)]
+pub struct UpstreamTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The upstream SCEP path the public path is mapped onto (`/pkiclient.exe` is appended to it
+    /// when the client used that form).
+    pub base_path: String,
+    pub server_name: ServerName<'static>,
+    pub host_header: HeaderValue,
+    pub tls: Option<Arc<ClientConfig>>,
+    pub pins: usize,
+}
+
+impl fmt::Debug for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTarget")
+            .field("scheme", &self.scheme)
+            .field("authority", &self.authority)
+            .field("base_path", &self.base_path)
+            .field("server_name", &self.server_name)
+            .field("pins", &self.pins)
+            .finish()
+    }
+}
+
+impl UpstreamTarget {
+    pub fn from_config(c: &UpstreamConfig) -> Result<UpstreamTarget, ConfigError> {
+        let bad = |why: String| ConfigError(format!("upstream.url: {why}"));
+        let uri: Uri = c
+            .url
+            .parse()
+            .map_err(|e| bad(format!("{:?} is not a URL: {e}", c.url)))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| bad("needs https://".to_owned()))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad("needs a host".to_owned()))?;
+        if uri.query().is_some() {
+            return Err(bad("has a query string; give the SCEP path only".to_owned()));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let base_path = match uri.path() {
+            "" | "/" => {
+                return Err(bad(
+                    "has no path; NDES is at /certsrv/mscep/mscep.dll".to_owned()
+                ))
+            }
+            p => p.trim_end_matches('/').to_owned(),
+        };
+        let name = c.server_name.clone().unwrap_or_else(|| host.clone());
+        let server_name = ServerName::try_from(name.clone()).map_err(|_| {
+            ConfigError(format!(
+                "upstream.server_name: {name:?} is not a DNS name or an IP address"
+            ))
+        })?;
+        let host_text = c.host_header.clone().unwrap_or(name);
+        let host_header = HeaderValue::from_str(&host_text).map_err(|_| {
+            ConfigError(format!(
+                "upstream.host_header: {host_text:?} is not a valid Host"
+            ))
+        })?;
+        let tls = if scheme == Scheme::HTTPS {
+            Some(client_config(c)?)
+        } else if scheme == Scheme::HTTP {
+            // Plain HTTP only to a server on the same host: the sidecar case, where the hop never
+            // leaves the machine. Anything else would carry enrolments in clear across the LAN.
+            let loopback = host
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(false);
+            if !loopback {
+                return Err(bad(format!(
+                    "http:// is allowed only to a loopback address (127.0.0.1, ::1), not {host:?}; use https://"
+                )));
+            }
+            if c.ca.is_some() || !c.spki_sha256.is_empty() {
+                return Err(ConfigError(
+                    "upstream.ca and upstream.spki_sha256 need an https:// upstream.url".to_owned(),
+                ));
+            }
+            None
+        } else {
+            return Err(bad(format!(
+                "scheme {scheme} is not supported; use https://"
+            )));
+        };
+        Ok(UpstreamTarget {
+            scheme,
+            authority,
+            base_path,
+            server_name,
+            host_header,
+            tls,
+            pins: c.spki_sha256.len(),
+        })
+    }
+
+    /// The upstream request URI: the configured path, the client's suffix, the query unchanged.
+    /// `None` when the result would not fit the URI type (an upstream path longer than the
+    /// public one with a request already at the limit).
+    pub fn uri_for(&self, suffix: &str, query: Option<&str>) -> Option<Uri> {
+        let mut pq = String::with_capacity(
+            self.base_path.len() + suffix.len() + 1 + query.map_or(0, str::len),
+        );
+        pq.push_str(&self.base_path);
+        pq.push_str(suffix);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).ok()?);
+        Uri::from_parts(parts).ok()
+    }
+}
+
+fn client_config(c: &UpstreamConfig) -> Result<Arc<ClientConfig>, ConfigError> {
+    let ca = c.ca.as_ref().ok_or_else(|| {
+        ConfigError("upstream.ca: required for https://: the PEM file of the CA that issued the NDES certificate (the system roots are never used)".to_owned())
+    })?;
+    let mut roots = RootCertStore::empty();
+    for cert in load_certificates(ca, "upstream.ca")? {
+        roots.add(cert).map_err(|e| {
+            ConfigError(format!(
+                "upstream.ca: {}: not a usable trust anchor: {e}",
+                ca.display()
+            ))
+        })?;
+    }
+    let mut pins = Vec::with_capacity(c.spki_sha256.len());
+    for pin in &c.spki_sha256 {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(pin.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "upstream.spki_sha256: {pin:?} is not a base64 SHA-256 (44 characters, as Envoy's verify_certificate_spki)"
+                ))
+            })?;
+        pins.push(bytes);
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| ConfigError(format!("upstream.ca: {e}")))?;
+    let verifier = Arc::new(PinnedVerifier { webpki, pins });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| ConfigError(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    // IIS speaks HTTP/2 too, but HTTP/1.1 is what every NDES handles, and the pool reuses it well.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A connection to NDES: TLS, or plain TCP to a loopback sidecar.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Dials NDES for the pool: TCP with a timeout, then TLS with the configured name as SNI.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    tls: Option<TlsConnector>,
+    server_name: ServerName<'static>,
+    connect_timeout: Duration,
+}
+
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<TokioIo<UpstreamStream>, UpstreamError>> + Send>>;
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = UpstreamError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.connect(uri).await.map(TokioIo::new) })
+    }
+}
+
+impl UpstreamConnector {
+    async fn connect(self, uri: Uri) -> Result<UpstreamStream, UpstreamError> {
+        let connect_err = |message: String| UpstreamError {
+            kind: UpstreamErrorKind::Connect,
+            message,
+        };
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let https = self.tls.is_some();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let timed_out = || UpstreamError {
+            kind: UpstreamErrorKind::Timeout,
+            message: format!(
+                "connecting to {host}:{port} took longer than upstream.connect_timeout"
+            ),
+        };
+        let addrs: Vec<SocketAddr> =
+            tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port)))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| connect_err(format!("resolving {host}: {e}")))?
+                .collect();
+        let mut last = connect_err(format!("{host} resolved to no address"));
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = connect_err(format!("{addr}: {e}")),
+                Err(_) => return Err(timed_out()),
+            }
+        }
+        let tcp = tcp.ok_or(last)?;
+        // Small writes (a request head) must not wait for Nagle's timer.
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = self.tls else {
+            return Ok(UpstreamStream::Plain(tcp));
+        };
+        match tokio::time::timeout_at(deadline, tls.connect(self.server_name.clone(), tcp)).await {
+            Err(_) => Err(timed_out()),
+            Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
+            Ok(Err(e)) => Err(classify_tls_error(&e)),
+        }
+    }
+}
+
+fn classify_tls_error(e: &io::Error) -> UpstreamError {
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let kind = match rustls_error {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other)))
+            if other.0.downcast_ref::<PinMismatch>().is_some() =>
+        {
+            UpstreamErrorKind::PinMismatch
+        }
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => UpstreamErrorKind::TlsName,
+        Some(rustls::Error::InvalidCertificate(_)) => UpstreamErrorKind::TlsChain,
+        Some(_) => UpstreamErrorKind::Protocol,
+        None => UpstreamErrorKind::Connect,
+    };
+    UpstreamError {
+        kind,
+        message: format!("TLS handshake: {e}"),
+    }
+}
+
+pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
+
+/// The pool and its settings; one per gateway.
+pub struct Upstream {
+    pub target: UpstreamTarget,
+    client: UpstreamClient,
+    response_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(target: UpstreamTarget, c: &UpstreamConfig) -> Upstream {
+        let connector = UpstreamConnector {
+            tls: target.tls.clone().map(TlsConnector::from),
+            server_name: target.server_name.clone(),
+            connect_timeout: c.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(c.pool_idle_timeout)
+            .pool_max_idle_per_host(c.pool_max_idle)
+            // A PKIOperation is never sent twice: a resent PKCSReq can burn a one-time challenge or
+            // hit "DN already exists". Stale pooled connections are avoided by the idle timeout.
+            .retry_canceled_requests(false)
+            .set_host(false)
+            .build(connector);
+        Upstream {
+            target,
+            client,
+            response_timeout: c.response_timeout,
+        }
+    }
+
+    /// Sends one request and waits for the response head, within the response timeout.
+    pub async fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Err(_) => Err(UpstreamError {
+                kind: UpstreamErrorKind::Timeout,
+                message: format!(
+                    "no response within upstream.response_timeout ({})",
+                    humantime::format_duration(self.response_timeout)
+                ),
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify_client_error(&e)),
+        }
+    }
+}
+
+fn classify_client_error(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(ours) = s.downcast_ref::<UpstreamError>() {
+            return UpstreamError {
+                kind: ours.kind,
+                message: ours.message.clone(),
+            };
+        }
+        source = s.source();
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    UpstreamError {
+        kind: if e.is_connect() {
+            UpstreamErrorKind::Connect
+        } else {
+            UpstreamErrorKind::Protocol
+        },
+        message,
+    }
+}
