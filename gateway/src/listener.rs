@@ -151,10 +151,7 @@ async fn serve_connection(
         _ => &settings.http1,
     };
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(ActivityIo {
-        inner: tls,
-        activity: activity.clone(),
-    });
+    let io = TokioIo::new(ActivityIo::new(tls, activity.clone()));
     let in_service = activity.clone();
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
@@ -285,10 +282,64 @@ impl Drop for InFlight {
     }
 }
 
-/// The TLS stream, noting each read and write that moves bytes.
+/// The client's TLS stream, noting each read and write that moves bytes, and giving hyper's own
+/// bodiless answers to oversized heads the gateway's text/plain reason.
 struct ActivityIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// A replacement response being written in place of hyper's, and how much of it is out.
+    replacement: Option<(&'static [u8], usize)>,
+}
+
+impl<T> ActivityIo<T> {
+    fn new(inner: T, activity: Arc<Activity>) -> ActivityIo<T> {
+        ActivityIo {
+            inner,
+            activity,
+            replacement: None,
+        }
+    }
+}
+
+/// hyper answers a request-target over the URI type's 65534-byte ceiling (414) and a head over its
+/// read buffer (431) by itself, before the filter sees the request, with an empty body. Those
+/// automatic answers have one exact shape, which no response relayed from NDES has (relayed
+/// responses keep NDES's own headers); it is swapped for the gateway's answer naming the limit.
+fn replacement_for(head: &[u8]) -> Option<&'static [u8]> {
+    const TAIL: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ";
+    const DATE_AND_END: usize = 29 + 4;
+    let status_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let (status, rest) = head.split_at(status_end);
+    if !rest.starts_with(TAIL)
+        || rest.len() != TAIL.len() + DATE_AND_END
+        || !rest.ends_with(b"\r\n\r\n")
+    {
+        return None;
+    }
+    static URI: OnceLock<Vec<u8>> = OnceLock::new();
+    static HEAD: OnceLock<Vec<u8>> = OnceLock::new();
+    let (cell, status, reason) = match status {
+        b"HTTP/1.1 414 URI Too Long" => (
+            &URI,
+            "414 URI Too Long",
+            "the request-target is over the limit of 65534 bytes (limits.max_uri_bytes)",
+        ),
+        b"HTTP/1.1 431 Request Header Fields Too Large" => (
+            &HEAD,
+            "431 Request Header Fields Too Large",
+            "the request head is over the limits (limits.max_uri_bytes + limits.max_header_bytes)",
+        ),
+        _ => return None,
+    };
+    let bytes = cell.get_or_init(|| {
+        let body = format!("{status}: {reason}\n");
+        format!(
+            "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    });
+    Some(bytes.as_slice())
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -312,6 +363,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.replacement.is_none() {
+            if let Some(text) = replacement_for(buf) {
+                self.replacement = Some((text, 0));
+            }
+        }
+        if let Some((text, mut sent)) = self.replacement {
+            // hyper is told its bytes went out once the replacement has.
+            while sent < text.len() {
+                match Pin::new(&mut self.inner).poll_write(cx, &text[sent..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        sent += n;
+                        self.replacement = Some((text, sent));
+                    }
+                    other => return other,
+                }
+            }
+            self.activity.touch();
+            return Poll::Ready(Ok(buf.len()));
+        }
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -324,6 +395,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        // An automatic answer is a head alone: one non-empty slice.
+        let mut non_empty = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (non_empty.next(), non_empty.next()) {
+            if self.replacement.is_some() || replacement_for(only).is_some() {
+                return self.poll_write(cx, only);
+            }
+        }
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -341,5 +419,38 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacements_are_whole_responses() {
+        for text in [
+            replacement_for(b"HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n"),
+            replacement_for(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n"),
+        ] {
+            let text = text.expect("hyper's automatic answer is recognised");
+            let split = text.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            let head = std::str::from_utf8(&text[..split]).unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(len, text.len() - split - 4, "{head}");
+        }
+    }
+
+    #[test]
+    fn relayed_responses_are_never_replaced() {
+        assert!(replacement_for(
+            b"HTTP/1.1 414 URI Too Long\r\nserver: Microsoft-IIS/10.0\r\ncontent-length: 0\r\n\r\n"
+        )
+        .is_none());
+        assert!(replacement_for(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n").is_none());
     }
 }

@@ -1,0 +1,406 @@
+//! Test helpers: a dev PKI, an upstream that records what reaches it, a gateway in front of it,
+//! and a raw TLS client that sends exact bytes and reads the exact status line back.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ndes_gateway::config::Config;
+use ndes_gateway::devpki::{self, DevCa, DevPki};
+use ndes_gateway::Gateway;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Every network wait in the tests is bounded by this.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub const SCEP: &str = "/certsrv/mscep/mscep.dll";
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+type Responder = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// An upstream on loopback (TLS with the given certificate, or plain HTTP) that records every
+/// request and answers with `respond`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn caps_response(_: &Seen) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(
+            b"POSTPKIOperation\nSHA-256\nAES\n",
+        )))
+        .unwrap()
+}
+
+impl Upstream {
+    pub async fn tls(cert_pem: &str, key_pem: &str) -> Upstream {
+        Self::start(
+            Some((cert_pem.to_owned(), key_pem.to_owned())),
+            Arc::new(caps_response),
+        )
+        .await
+    }
+
+    pub async fn start(tls: Option<(String, String)>, respond: Responder) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = tls.map(|(cert, key)| {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            let config = rustls::ServerConfig::builder_with_provider(ndes_gateway::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+            TlsAcceptor::from(Arc::new(config))
+        });
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen2.clone();
+                let respond = respond.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        let respond = respond.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let s = Seen {
+                                method: parts.method.to_string(),
+                                target: parts.uri.to_string(),
+                                headers: parts.headers,
+                                body,
+                            };
+                            let resp = respond(&s);
+                            seen.lock().unwrap().push(s);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.max_buf_size(256 * 1024);
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                let _ = b.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = b.serve_connection(TokioIo::new(tcp), service).await;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream { addr, seen, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream saw no request")
+    }
+}
+
+/// A dev PKI in a temporary folder, plus the PEM of the NDES certificate and key.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+    pub ndes_cert: String,
+    pub ndes_key: String,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = devpki::generate(dir.path()).unwrap();
+        Pki {
+            ndes_cert: std::fs::read_to_string(&pki.ndes_cert).unwrap(),
+            ndes_key: std::fs::read_to_string(&pki.ndes_key).unwrap(),
+            pki,
+            dir,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.pki.root
+    }
+
+    /// A server certificate for the NDES name from a CA the gateway does not trust.
+    pub fn foreign_ndes_cert() -> (String, String) {
+        DevCa::new("Some Other CA")
+            .unwrap()
+            .issue_server(&[devpki::NDES_NAME, "127.0.0.1"])
+            .unwrap()
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+/// The gateway's config: listener with the dev gateway certificate, upstream at `upstream` over
+/// https with the dev root, plus `extra` TOML lines appended to the named sections.
+pub fn gateway_config(
+    pki: &Pki,
+    upstream: SocketAddr,
+    upstream_extra: &str,
+    limits_extra: &str,
+) -> Config {
+    let text = format!(
+        r#"
+[listen]
+addr = "127.0.0.1:0"
+cert = {cert:?}
+key = {key:?}
+[upstream]
+url = "https://{upstream}{SCEP}"
+ca = {ca:?}
+server_name = "{ndes}"
+{upstream_extra}
+[limits]
+{limits_extra}
+"#,
+        cert = pki.pki.gateway_cert.display().to_string(),
+        key = pki.pki.gateway_key.display().to_string(),
+        ca = pki.root().display().to_string(),
+        ndes = devpki::NDES_NAME,
+    );
+    Config::parse(&text).unwrap()
+}
+
+/// A gateway in front of a recording TLS upstream with the dev NDES certificate.
+pub struct Setup {
+    pub pki: Pki,
+    pub upstream: Upstream,
+    pub gateway: Gateway,
+}
+
+impl Setup {
+    pub async fn new() -> Setup {
+        Self::with("", "").await
+    }
+
+    pub async fn with(upstream_extra: &str, limits_extra: &str) -> Setup {
+        let pki = Pki::new();
+        let upstream = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+        let gateway = Gateway::start(&gateway_config(
+            &pki,
+            upstream.addr,
+            upstream_extra,
+            limits_extra,
+        ))
+        .await
+        .unwrap();
+        Setup {
+            pki,
+            upstream,
+            gateway,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gateway.local_addr()
+    }
+
+    pub async fn raw(&self, request: &[u8]) -> RawResponse {
+        raw_request(self.addr(), self.pki.root(), request).await
+    }
+
+    /// A GET over HTTP/1.1 with Connection: close.
+    pub async fn get(&self, target: &str) -> RawResponse {
+        self.raw(
+            format!(
+                "GET {target} HTTP/1.1\r\nHost: scep.example.test\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+    }
+}
+
+/// A TLS client trusting only `root`, with the given ALPN protocols.
+pub fn tls_connector(root: &Path, alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(root).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(ndes_gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    root: &Path,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tls_connector(root, &[b"http/1.1"])
+        .connect(ServerName::try_from("scep.example.test").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A response as bytes: the status line exactly as sent, headers, body.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status_line: String,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends the bytes as they are over a new TLS connection and reads until the server closes it
+/// (the requests ask for Connection: close) or a whole response with Content-Length has arrived.
+pub async fn raw_request(addr: SocketAddr, root: &Path, request: &[u8]) -> RawResponse {
+    let mut tls = tls_connect(addr, root).await;
+    tls.write_all(request).await.unwrap();
+    tls.flush().await.unwrap();
+    read_response(&mut tls).await
+}
+
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> RawResponse {
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(r) = parse_complete(&buf) {
+                return Some(r);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(IO_TIMEOUT, read).await {
+        Ok(Some(r)) => r,
+        _ => parse_head(&buf).unwrap_or_else(|| RawResponse {
+            status_line: String::new(),
+            head: String::from_utf8_lossy(&buf).into_owned(),
+            body: Vec::new(),
+        }),
+    }
+}
+
+/// What arrived before the connection closed: a head, and the body so far (a HEAD response has a
+/// Content-Length and no body).
+fn parse_head(buf: &[u8]) -> Option<RawResponse> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    Some(RawResponse {
+        status_line: head.lines().next().unwrap_or("").to_owned(),
+        head,
+        body: buf[end + 4..].to_vec(),
+    })
+}
+
+fn parse_complete(buf: &[u8]) -> Option<RawResponse> {
+    let r = parse_head(buf)?;
+    let len: usize = r.header("content-length")?.parse().ok()?;
+    (r.body.len() >= len).then(|| RawResponse {
+        body: r.body[..len].to_vec(),
+        ..r
+    })
+}
+
+/// An HTTP/2 client over TLS with ALPN h2, trusting `root`.
+pub async fn h2_client(
+    addr: SocketAddr,
+    root: &Path,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tls_connector(root, &[b"h2"])
+        .connect(ServerName::try_from("scep.example.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(256 * 1024)
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A query of `total` bytes whose request-target (SCEP path + '?' + query) is exactly `target`
+/// bytes, with raw '+' and '/' inside as iOS and macOS send them.
+pub fn pki_target(path: &str, target: usize) -> String {
+    let head = format!("{path}?operation=PKIOperation&message=");
+    assert!(target > head.len());
+    let pattern = b"MIAGCSqGSIb3+tl4tH9E/97TB";
+    let fill: String = (0..target - head.len())
+        .map(|i| pattern[i % pattern.len()] as char)
+        .collect();
+    format!("{head}{fill}")
+}

@@ -1,0 +1,148 @@
+//! The same limits over HTTP/2: the header list size is raised so a 65534-byte :path arrives whole.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+
+fn absolute(path: &str) -> http::Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTPS);
+    parts.authority = Some("scep.example.test".parse().unwrap());
+    parts.path_and_query = Some(path.parse().unwrap());
+    http::Uri::from_parts(parts).unwrap()
+}
+
+async fn h2_get(s: &Setup, path: &str) -> (u16, String, String) {
+    let mut client = h2_client(s.addr(), s.pki.root()).await;
+    let req = http::Request::get(absolute(path))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(IO_TIMEOUT, client.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, ct, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_65534_byte_path_is_forwarded_byte_identical() {
+    let s = Setup::new().await;
+    let target = pki_target(SCEP, 65_534);
+    let (status, _, body) = h2_get(&s, &target).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "POSTPKIOperation\nSHA-256\nAES\n");
+    let seen = s.upstream.last();
+    assert!(
+        seen.target == target,
+        "the upstream received a different request-target"
+    );
+    // NDES gets HTTP/1.1 with the internal Host, whatever the client spoke.
+    assert_eq!(seen.headers.get("host").unwrap(), "ndes.corp.test");
+}
+
+#[tokio::test]
+async fn configured_limits_answer_414_over_http2_with_the_reason() {
+    let s = Setup::with("", "max_uri_bytes = 1000").await;
+    assert_eq!(h2_get(&s, &pki_target(SCEP, 1000)).await.0, 200);
+    let (status, ct, body) = h2_get(&s, &pki_target(SCEP, 1001)).await;
+    assert_eq!(status, 414);
+    assert_eq!(ct, "text/plain; charset=utf-8");
+    assert!(body.contains("limits.max_uri_bytes"), "{body}");
+    assert_eq!(s.upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn filter_rules_apply_over_http2() {
+    let s = Setup::new().await;
+    assert_eq!(h2_get(&s, "/certsrv/mscep_admin/").await.0, 404);
+    assert_eq!(h2_get(&s, &format!("{SCEP}?operation=Nope")).await.0, 400);
+    assert_eq!(s.upstream.count(), 0);
+    let mut client = h2_client(s.addr(), s.pki.root()).await;
+    let body: Vec<u8> = (0..65_537u32).map(|i| i as u8).collect();
+    let req = http::Request::post(absolute(&format!("{SCEP}?operation=PKIOperation")))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(s.upstream.count(), 0);
+}
+
+async fn python_h2(s: &Setup, length: usize) -> serde_json_lite::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tools/h2_request.py");
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .args([script, "127.0.0.1", &s.addr().port().to_string()])
+        .arg(s.pki.root())
+        .args(["scep.example.test", &length.to_string()])
+        .output()
+        .await
+        .expect("python3 with the h2 library (Debian python3-h2) is needed");
+    assert!(
+        out.status.success(),
+        "h2_request.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json_lite::parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A minimal reader for the script's one-line JSON object of strings, numbers and nulls.
+mod serde_json_lite {
+    pub type Value = std::collections::HashMap<String, String>;
+    pub fn parse(text: &str) -> Value {
+        let inner = text.trim().trim_start_matches('{').trim_end_matches('}');
+        let mut out = Value::new();
+        let mut rest = inner;
+        while let Some(start) = rest.find('"') {
+            let after = &rest[start + 1..];
+            let end = after.find('"').unwrap();
+            let key = after[..end].to_owned();
+            let after = after[end + 1..]
+                .trim_start()
+                .trim_start_matches(':')
+                .trim_start();
+            let (value, next) = if let Some(v) = after.strip_prefix('"') {
+                let mut i = 0;
+                let bytes = v.as_bytes();
+                while i < bytes.len() && !(bytes[i] == b'"' && (i == 0 || bytes[i - 1] != b'\\')) {
+                    i += 1;
+                }
+                (v[..i].replace("\\n", "\n"), &v[(i + 1).min(v.len())..])
+            } else {
+                let end = after.find(',').unwrap_or(after.len());
+                (after[..end].trim().to_owned(), &after[end..])
+            };
+            out.insert(key, value);
+            rest = next.trim_start_matches(',');
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn the_65534_byte_path_from_another_http2_stack() {
+    let s = Setup::new().await;
+    let r = python_h2(&s, 65_534).await;
+    assert_eq!(r["status"], "200", "{r:?}");
+    assert_eq!(s.upstream.last().target.len(), 65_534);
+}
+
+#[tokio::test]
+async fn a_65535_byte_path_is_refused_and_never_forwarded() {
+    let s = Setup::new().await;
+    let r = python_h2(&s, 65_535).await;
+    // The HTTP/2 layer (h2) refuses a :path past the URI type's 65534-byte ceiling with a stream
+    // reset (PROTOCOL_ERROR, code 1) before the filter sees it: no 414 can be written there.
+    assert_eq!(r["status"], "null", "{r:?}");
+    assert_eq!(r["reset"], "1", "{r:?}");
+    assert_eq!(s.upstream.count(), 0);
+    // The connection still serves the next client.
+    assert_eq!(python_h2(&s, 200).await["status"], "200");
+}
