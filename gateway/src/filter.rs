@@ -285,7 +285,7 @@ impl RequestLimits {
                 }
             }
             check_pki_message_type(headers)?;
-        } else if content_length.is_some_and(|l| l > 0) || headers.contains_key(TRANSFER_ENCODING) {
+        } else if content_length.is_some_and(|l| l > 0) {
             // A GET with a body is a framing trick, not SCEP: nothing upstream would read it.
             return Err(Rejection::new(
                 StatusCode::BAD_REQUEST,
@@ -346,9 +346,10 @@ fn operation_of(query: &str) -> Result<ScepOperation, Rejection> {
     })
 }
 
-/// One unambiguous body length, or none. hyper already refuses conflicting Content-Lengths over
-/// HTTP/1.1; a Transfer-Encoding beside a Content-Length is refused here, because a server
-/// behind a proxy that chose the other one is how requests get smuggled.
+/// One unambiguous body length, or none. A Transfer-Encoding is refused outright: NDES (IIS) takes
+/// no chunked uploads by default and every SCEP client sends a Content-Length, and hyper, which
+/// lets Transfer-Encoding win over a Content-Length as RFC 9112 says, hides the Content-Length
+/// from us: refusing both is the only way to refuse the pair, the classic smuggling vector.
 fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
     let ambiguous = |detail: &str| {
         Rejection::new(
@@ -357,26 +358,25 @@ fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
             detail.to_owned(),
         )
     };
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    let length = match lengths.next() {
-        None => None,
-        Some(v) => {
-            let parsed = v
-                .to_str()
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| ambiguous("invalid Content-Length"))?;
-            if lengths.any(|other| other != v) {
-                return Err(ambiguous("more than one Content-Length"));
-            }
-            Some(parsed)
-        }
-    };
-    if length.is_some() && headers.contains_key(TRANSFER_ENCODING) {
-        return Err(ambiguous("Content-Length together with Transfer-Encoding"));
+    if headers.contains_key(TRANSFER_ENCODING) {
+        return Err(ambiguous(
+            "Transfer-Encoding is not accepted: send the body with a Content-Length, as NDES requires",
+        ));
     }
-    Ok(length)
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return Ok(None);
+    };
+    let parsed = first
+        .to_str()
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| ambiguous("invalid Content-Length"))?;
+    if lengths.any(|other| other != first) {
+        return Err(ambiguous("more than one Content-Length"));
+    }
+    Ok(Some(parsed))
 }
 
 /// scepclient posts application/octet-stream, the RFC says application/x-pki-message, sscep
@@ -509,7 +509,7 @@ mod tests {
         l.max_query_bytes = 50;
         let uri: Uri = format!(
             "/certsrv/mscep/mscep.dll?operation=GetCACaps&message={}",
-            "a".repeat(20)
+            "a".repeat(40)
         )
         .parse()
         .unwrap();
