@@ -364,6 +364,25 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_and_says_the_defaults() {
+        let example = Config::parse(include_str!("../../config/gateway.example.toml")).unwrap();
+        let defaults = Config::parse(MINIMAL).unwrap();
+        assert_eq!(
+            format!("{:?}", example.limits),
+            format!("{:?}", defaults.limits)
+        );
+        assert_eq!(example.listen.idle_timeout, defaults.listen.idle_timeout);
+        assert_eq!(
+            example.upstream.response_timeout,
+            defaults.upstream.response_timeout
+        );
+        assert_eq!(
+            example.upstream.pool_idle_timeout,
+            defaults.upstream.pool_idle_timeout
+        );
+    }
+
+    #[test]
     fn uri_limit_cannot_pass_the_uri_ceiling() {
         let text = format!("{MINIMAL}\n[limits]\nmax_uri_bytes = 65535\n");
         let err = Config::parse(&text).unwrap_err().to_string();

@@ -141,24 +141,14 @@ pub fn public_config_text(
         .map(|c: rustls_pki_types::CertificateDer<'static>| c)
         .map_err(|e| format!("{}: {e}", pki.ndes_cert.display()))?;
     let pin = spki_sha256(&der).ok_or("cannot read the NDES certificate's public key")?;
-    Ok(format!(
-        r#"# The demo's public gateway: what an operator writes for a real NDES.
-[listen]
-addr = "{listen}"
-cert = {cert:?}
-key = {key:?}
-
-[upstream]
-# The internal NDES, its CA, its name, and the SPKI pin of its certificate.
-url = "https://{ndes}/certsrv/mscep/mscep.dll"
-ca = {ca:?}
-server_name = "{NDES_NAME}"
-spki_sha256 = ["{pin}"]
-"#,
-        cert = pki.gateway_cert.display().to_string(),
-        key = pki.gateway_key.display().to_string(),
-        ca = pki.root.display().to_string(),
-    ))
+    let text = include_str!("../../config/demo.toml")
+        .replace("{listen}", &listen.to_string())
+        .replace("{gateway_cert}", &pki.gateway_cert.display().to_string())
+        .replace("{gateway_key}", &pki.gateway_key.display().to_string())
+        .replace("{ndes}", &ndes.to_string())
+        .replace("{root}", &pki.root.display().to_string())
+        .replace("{pin}", &pin);
+    Ok(text)
 }
 
 /// Runs scepclient in `dir` (it keeps state in the current folder) against `url`.

@@ -1,0 +1,199 @@
+//! End to end with the real tools (Debian package `scep`): micromdm scepserver as the CA, a second
+//! gateway instance as its TLS front (IIS on the NDES host), the public gateway with pinned trust,
+//! and scepclient enrolling through it.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use ndes_gateway::config::Config;
+use ndes_gateway::demo::{self, ScepServer};
+use ndes_gateway::Gateway;
+use tokio::io::AsyncWriteExt;
+
+struct Chain {
+    dir: tempfile::TempDir,
+    pki: ndes_gateway::devpki::DevPki,
+    scep: ScepServer,
+    _front: Gateway,
+    public: Gateway,
+}
+
+impl Chain {
+    async fn start() -> Chain {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = ndes_gateway::devpki::generate(&dir.path().join("pki")).unwrap();
+        let scep = ScepServer::start(dir.path())
+            .await
+            .expect("scepserver (Debian package scep)");
+        let front = Gateway::start(&demo::front_config(&pki, &scep.url()).unwrap())
+            .await
+            .unwrap();
+        let text =
+            demo::public_config_text(&pki, "127.0.0.1:0".parse().unwrap(), front.local_addr())
+                .unwrap();
+        let public = Gateway::start(&Config::parse(&text).unwrap())
+            .await
+            .unwrap();
+        Chain {
+            dir,
+            pki,
+            scep,
+            _front: front,
+            public,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "https://localhost:{}{SCEP}",
+            self.public.local_addr().port()
+        )
+    }
+
+    fn issued(&self, cn: &str) -> Vec<String> {
+        std::fs::read_dir(&self.scep.depot)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&format!("{cn}.")) && n.ends_with(".pem"))
+            .collect()
+    }
+}
+
+/// GET over plain HTTP/1.1 straight to scepserver.
+async fn direct_get(port: u16, target: &str) -> RawResponse {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_response(&mut s).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scepclient_enrols_through_the_gateway() {
+    let chain = Chain::start().await;
+    let cert = demo::enrol(
+        &chain.dir.path().join("client"),
+        &chain.url(),
+        &chain.pki.root,
+        "e2e-device",
+    )
+    .await
+    .unwrap();
+    let (subject, issuer, _) = demo::describe_certificate(&cert).unwrap();
+    assert!(subject.contains("CN=e2e-device"), "{subject}");
+    assert!(issuer.contains("SCEP CA"), "{issuer}");
+    assert_eq!(chain.issued("e2e-device").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_ca_cert_through_the_gateway_is_byte_identical_to_direct() {
+    let chain = Chain::start().await;
+    for op in ["GetCACert&message=ca", "GetCACaps&message=default"] {
+        let direct = direct_get(chain.scep.port, &format!("/scep?operation={op}")).await;
+        let through = raw_request(
+            chain.public.local_addr(),
+            &chain.pki.root,
+            format!("GET {SCEP}?operation={op} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(direct.status_line, "HTTP/1.1 200 OK", "{op}");
+        assert_eq!(through.status_line, "HTTP/1.1 200 OK", "{op}");
+        assert!(!through.body.is_empty());
+        assert!(
+            through.body == direct.body,
+            "{op}: the body changed on the way"
+        );
+        assert_eq!(
+            through.header("content-type"),
+            direct.header("content-type"),
+            "{op}"
+        );
+    }
+}
+
+/// Percent-encodes every byte that is not unreserved (RFC 3986), as certmonger does.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A PKCSReq made by scepclient, captured by a stand-in CA that hands out the real CA certificate
+/// and records the POST body instead of answering it.
+async fn record_pkcsreq(chain: &Chain, cn: &str) -> Bytes {
+    let ca = direct_get(chain.scep.port, "/scep?operation=GetCACert&message=ca").await;
+    assert_eq!(ca.status_line, "HTTP/1.1 200 OK");
+    let ca_der = Bytes::from(ca.body);
+    let recorded: Arc<Mutex<Option<Bytes>>> = Arc::default();
+    let rec = recorded.clone();
+    let recorder = Upstream::start(
+        None,
+        Arc::new(move |seen: &Seen| {
+            let resp = http::Response::builder();
+            if seen.target.contains("GetCACert") {
+                resp.header("content-type", "application/x-x509-ca-cert")
+                    .body(Full::new(ca_der.clone()))
+            } else if seen.target.contains("GetCACaps") {
+                resp.header("content-type", "text/plain")
+                    .body(Full::new(Bytes::from_static(
+                        b"POSTPKIOperation\nSHA-256\nAES\n",
+                    )))
+            } else {
+                *rec.lock().unwrap() = Some(seen.body.clone());
+                resp.status(500)
+                    .body(Full::new(Bytes::from_static(b"recorded")))
+            }
+            .unwrap()
+        }),
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{}/scep", recorder.addr.port());
+    let _ = demo::enrol(
+        &chain.dir.path().join("recording"),
+        &url,
+        &chain.pki.root,
+        cn,
+    )
+    .await;
+    let body = recorded.lock().unwrap().clone();
+    body.expect("scepclient posted no PKCSReq")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_pkcsreq_sent_as_get_enrols_through_the_gateway() {
+    let chain = Chain::start().await;
+    let pkcsreq = record_pkcsreq(&chain, "get-device").await;
+    assert!(pkcsreq.len() > 1000, "a PKCSReq is a few KB of DER");
+    let message = percent_encode(&base64::engine::general_purpose::STANDARD.encode(&pkcsreq));
+    let target = format!("{SCEP}?operation=PKIOperation&message={message}");
+    let r = raw_request(
+        chain.public.local_addr(),
+        &chain.pki.root,
+        format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK", "{}", r.text());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/x-pki-message")
+    );
+    assert_eq!(
+        chain.issued("get-device").len(),
+        1,
+        "scepserver issued no certificate for the GET"
+    );
+}
