@@ -1,7 +1,8 @@
 //! The command line as a user meets it: `check` on good and broken configs, and the demo.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use ndes_gateway::devpki;
 
@@ -95,4 +96,82 @@ fn the_demo_enrols_a_device_and_stops() {
     );
     assert!(stdout.contains("subject:   CN=demo-device"), "{stdout}");
     assert!(dir.path().join("client/device.pem").is_file());
+}
+
+#[test]
+fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(dir.path()).unwrap();
+    // An upstream nothing listens on: the request is answered 502, and that is logged too.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"json\"\n",
+        pki.gateway_cert.display().to_string(),
+        pki.gateway_key.display().to_string(),
+        pki.root.display().to_string(),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut next_json = || -> serde_json::Value {
+        let line = lines.next().expect("the gateway stopped logging").unwrap();
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"))
+    };
+    let listening = (0..10)
+        .map(|_| next_json())
+        .find(|v| v["message"] == "listening")
+        .expect("never listening");
+    let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
+
+    let curl = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&pki.root)
+        .arg(format!(
+            "https://localhost:{}/certsrv/mscep/mscep.dll?operation=GetCACaps&message=x",
+            addr.port()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "502");
+
+    let access = (0..10)
+        .map(|_| next_json())
+        .find(|v| v["target"] == "ndes_gateway::access")
+        .expect("no access line");
+    assert_eq!(access["status"], 502, "{access}");
+    assert_eq!(access["operation"], "GetCACaps", "{access}");
+    assert_eq!(access["upstream_error"], "connect", "{access}");
+    assert_eq!(access["client"], "127.0.0.1", "{access}");
+    assert!(access["target_bytes"].as_u64().unwrap() > 0);
+
+    // The shell's own kill: no procps needed.
+    let term = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.0.id())])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The child process, killed if the test fails before it stops by itself.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -84,11 +84,32 @@ fn main() -> ExitCode {
 async fn serve(path: PathBuf) -> Result<(), String> {
     let config = Config::load(&path).map_err(|e| e.to_string())?;
     logging::init(&config.log);
+    raise_open_file_limit(config.listen.max_connections);
     let gateway = Gateway::start(&config).await.map_err(|e| e.to_string())?;
     wait_for_stop_signal().await;
     tracing::info!(target: "ndes_gateway", "stopping: finishing requests in flight");
     gateway.shutdown().await;
     Ok(())
+}
+
+/// Each client connection takes a file descriptor, and so may its upstream connection: the common
+/// default soft limit of 1024 would refuse clients long before `listen.max_connections`.
+fn raise_open_file_limit(max_connections: usize) {
+    let wanted = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            target: "ndes_gateway",
+            open_files = got,
+            wanted,
+            "the open-file limit is below what listen.max_connections needs; raise LimitNOFILE"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(target: "ndes_gateway", error = %e, "cannot raise the open-file limit")
+        }
+    }
 }
 
 #[cfg(unix)]

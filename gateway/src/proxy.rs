@@ -256,6 +256,11 @@ pub fn text_response(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The reason may quote what the client sent; it is never to be read as anything but text.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if let Some(allow) = allow {
         h.insert(header::ALLOW, HeaderValue::from_static(allow));
     }
