@@ -7,6 +7,8 @@ need_packages() {
     if [[ $probe == /* ]]; then [[ -e $probe ]] || missing+=("$pkg")
     else command -v "$probe" >/dev/null 2>&1 || missing+=("$pkg"); fi
   done
+  # One package may stand for several programs: name it once.
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | awk 'NF && !seen[$0]++')
   ((${#missing[@]})) || return 0
   echo "installing Debian packages: ${missing[*]}"
   local sudo=()

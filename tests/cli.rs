@@ -108,7 +108,7 @@ fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
         .local_addr()
         .unwrap();
     let text = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"json\"\n",
+        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"json\"\n[admin]\naddr = \"127.0.0.1:0\"\n",
         pki.gateway_cert.display().to_string(),
         pki.gateway_key.display().to_string(),
         pki.root.display().to_string(),

@@ -41,6 +41,11 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 /// IIS does and never sends a request onto a connection that is being closed.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const POOL_MAX_IDLE: usize = 64;
+/// The admin listener stays on the host unless the operator moves it to the management network.
+pub const ADMIN_ADDR: &str = "127.0.0.1:9180";
+/// Readiness follows NDES within two probes; GetCACaps costs NDES next to nothing.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The file as written, before anything is loaded from disk.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +57,60 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Requests per second and burst, per client address and for the whole gateway; 0 turns one off.
+/// Off by default: many devices can share one carrier-grade NAT address.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    #[serde(default)]
+    pub per_client_rps: f64,
+    #[serde(default)]
+    pub per_client_burst: u32,
+    #[serde(default)]
+    pub global_rps: f64,
+    #[serde(default)]
+    pub global_burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Plain HTTP: /metrics, /healthz, /readyz and nothing else.
+    #[serde(default = "default_admin_addr")]
+    pub addr: SocketAddr,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_probe_interval", deserialize_with = "duration")]
+    pub probe_interval: Duration,
+    #[serde(default = "default_probe_timeout", deserialize_with = "duration")]
+    pub probe_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            addr: default_admin_addr(),
+            enabled: true,
+            probe_interval: PROBE_INTERVAL,
+            probe_timeout: PROBE_TIMEOUT,
+        }
+    }
+}
+
+fn default_admin_addr() -> SocketAddr {
+    ADMIN_ADDR.parse().expect("a valid constant address")
+}
+fn default_probe_interval() -> Duration {
+    PROBE_INTERVAL
+}
+fn default_probe_timeout() -> Duration {
+    PROBE_TIMEOUT
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +131,12 @@ pub struct ListenConfig {
     pub http2: bool,
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
+    /// Require a PROXY protocol v1 or v2 header on every connection (behind an L4 load balancer).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// CIDRs of proxies whose X-Forwarded-For is believed (an ingress next to the gateway).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +369,24 @@ impl Config {
                 return bad(key, "must be more than zero".to_owned());
             }
         }
+        let r = &self.rate_limit;
+        for (key, rps) in [
+            ("rate_limit.per_client_rps", r.per_client_rps),
+            ("rate_limit.global_rps", r.global_rps),
+        ] {
+            if !rps.is_finite() || !(0.0..=1_000_000.0).contains(&rps) {
+                return bad(key, format!("{rps} is out of range: 0 (off) to 1000000"));
+            }
+        }
+        for (key, d) in [
+            ("admin.probe_interval", self.admin.probe_interval),
+            ("admin.probe_timeout", self.admin.probe_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be more than zero".to_owned());
+            }
+        }
+        crate::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
         if self.listen.max_connections == 0 {
             return bad("listen.max_connections", "must be at least 1".to_owned());
         }

@@ -122,6 +122,8 @@ key = {key:?}
 url = {url:?}
 [log]
 level = "warn"
+[admin]
+enabled = false
 "#,
         cert = pki.ndes_cert.display().to_string(),
         key = pki.ndes_key.display().to_string(),
@@ -261,6 +263,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let addr = public.local_addr();
     let url = format!("https://localhost:{}/certsrv/mscep/mscep.dll", addr.port());
     println!("gateway: {url} (config {})", config_path.display());
+    if let Some(admin) = public.admin_addr() {
+        println!("admin:   http://{admin}/metrics  /healthz  /readyz");
+    }
 
     println!("\nenrolling with scepclient through the gateway...");
     let result = enrol(&dir.join("client"), &url, &pki.root, "demo-device").await;

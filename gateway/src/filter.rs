@@ -81,6 +81,22 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    pub const ALL: [RejectReason; 13] = [
+        RejectReason::UriTooLong,
+        RejectReason::QueryTooLong,
+        RejectReason::HeadersTooLarge,
+        RejectReason::BodyTooLarge,
+        RejectReason::PathNotPublished,
+        RejectReason::MethodNotAllowed,
+        RejectReason::MissingOperation,
+        RejectReason::UnknownOperation,
+        RejectReason::AmbiguousOperation,
+        RejectReason::AmbiguousFraming,
+        RejectReason::BodyNotAllowed,
+        RejectReason::UnsupportedMediaType,
+        RejectReason::BadRequest,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             RejectReason::UriTooLong => "uri_too_long",

@@ -1,17 +1,23 @@
 //! ndes-gateway publishes a Microsoft NDES (SCEP) server to the internet.
 //!
-//! A request passes the stages in this order, one module each: [`listener`] (TCP, TLS, HTTP),
-//! [`filter`] (IIS-equivalent request filtering), [`proxy`] (the request's straight line) and
-//! [`upstream`] (pinned TLS to NDES). [`config`] reads the file; [`tls`] loads the listener's
-//! certificate; [`devpki`] and [`demo`] serve the local demo and the tests.
+//! A request passes the stages in this order, one module each: [`listener`] (TCP, PROXY header,
+//! TLS, HTTP), [`client_addr`] (the real client address), [`ratelimit`], [`filter`]
+//! (IIS-equivalent request filtering), [`proxy`] (the request's straight line) and [`upstream`]
+//! (pinned TLS to NDES); [`metrics`] counts them and [`admin`] serves the counts and readiness.
+//! [`config`] reads the file; [`tls`] loads the listener's certificate; [`devpki`] and [`demo`]
+//! serve the local demo and the tests.
 
+pub mod admin;
+pub mod client_addr;
 pub mod config;
 pub mod demo;
 pub mod devpki;
 pub mod filter;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod tls;
 pub mod upstream;
 
@@ -23,10 +29,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::Readiness;
+use crate::client_addr::TrustedProxies;
 use crate::config::{Config, ConfigError};
 use crate::filter::RequestLimits;
 use crate::listener::ListenerSettings;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::ratelimit::RateLimits;
 use crate::upstream::{Upstream, UpstreamTarget};
 
 /// Everything loaded from a config, checked, but not yet listening.
@@ -48,15 +58,22 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
     })
 }
 
-/// A running gateway: its address, and the handle that stops it.
+/// How often idle per-client rate-limit entries are forgotten.
+const RATE_LIMIT_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A running gateway: its addresses, and the handle that stops it.
 pub struct Gateway {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Gateway {
-    /// Loads everything, binds the public listener and starts serving on the current runtime.
+    /// Loads everything, binds the public and admin listeners and starts serving on the current
+    /// runtime.
     pub async fn start(config: &Config) -> Result<Gateway, ConfigError> {
         let prepared = prepare(config)?;
         if prepared.target.tls.is_none() {
@@ -66,6 +83,7 @@ impl Gateway {
                 "upstream is plain http:// on loopback: only for a SCEP server on this host"
             );
         }
+        let trusted_proxies = TrustedProxies::parse(&config.listen.trusted_proxies)?;
         let listener = TcpListener::bind(config.listen.addr).await.map_err(|e| {
             ConfigError(format!(
                 "listen.addr: cannot listen on {}: {e}",
@@ -75,23 +93,80 @@ impl Gateway {
         let local_addr = listener
             .local_addr()
             .map_err(|e| ConfigError(format!("listen.addr: {e}")))?;
-        let proxy = Arc::new(Proxy {
-            limits: RequestLimits::from(&config.limits),
-            body_timeout: config.limits.body_timeout,
-            upstream: Upstream::new(prepared.target, &config.upstream),
-        });
+        let admin_listener = if config.admin.enabled {
+            Some(admin::bind(config.admin.addr).await?)
+        } else {
+            None
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::default());
+        let upstream = Arc::new(Upstream::new(prepared.target, &config.upstream));
+        let rate_limits = Arc::new(RateLimits::new(&config.rate_limit));
+        let proxy = Arc::new(Proxy::new(
+            RequestLimits::from(&config.limits),
+            config.limits.body_timeout,
+            upstream.clone(),
+            metrics.clone(),
+            rate_limits.clone(),
+            trusted_proxies,
+        ));
         let settings = Arc::new(ListenerSettings::from_config(config));
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(listener::run(
+
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(l) = admin_listener {
+            tasks.spawn(admin::serve(
+                l,
+                metrics.clone(),
+                readiness.clone(),
+                rx.clone(),
+            ));
+            tasks.spawn(admin::probe_loop(
+                upstream,
+                readiness.clone(),
+                metrics.clone(),
+                config.admin.probe_interval,
+                config.admin.probe_timeout,
+                rx.clone(),
+            ));
+        }
+        if !rate_limits.is_off() {
+            let mut stop = rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(RATE_LIMIT_PRUNE_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        _ = tick.tick() => rate_limits.prune(),
+                    }
+                }
+            });
+        }
+        let listener_task = listener::run(
             listener,
             TlsAcceptor::from(prepared.tls),
             settings,
             proxy,
             rx,
-        ));
-        tracing::info!(target: "ndes_gateway", addr = %local_addr, upstream = %config.upstream.url, "listening");
+        );
+        let task = tokio::spawn(async move {
+            listener_task.await;
+            while tasks.join_next().await.is_some() {}
+        });
+        tracing::info!(
+            target: "ndes_gateway",
+            addr = %local_addr,
+            admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
+            upstream = %config.upstream.url,
+            "listening"
+        );
         Ok(Gateway {
             local_addr,
+            admin_addr,
+            metrics,
+            readiness,
             shutdown,
             task,
         })
@@ -99,6 +174,11 @@ impl Gateway {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address, when it is enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Stops accepting, lets open connections finish their requests, then returns.

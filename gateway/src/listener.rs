@@ -19,7 +19,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::client_addr::{read_proxy_header, Prefixed};
 use crate::config::Config;
+use crate::metrics::{Metrics, REASON_HEADER_TIMEOUT, REASON_MALFORMED};
 use crate::proxy::Proxy;
 
 /// How long a connection told to close (idle, or the gateway stopping) may take to finish what it
@@ -35,6 +37,7 @@ pub struct ListenerSettings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    pub proxy_protocol: bool,
     http1: auto::Builder<TokioExecutor>,
     http2: Option<auto::Builder<TokioExecutor>>,
 }
@@ -70,6 +73,7 @@ impl ListenerSettings {
             handshake_timeout: c.listen.handshake_timeout,
             idle_timeout: c.listen.idle_timeout,
             max_connections: c.listen.max_connections,
+            proxy_protocol: c.listen.proxy_protocol,
             http1,
             http2,
         }
@@ -101,6 +105,11 @@ pub async fn run(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            proxy
+                .metrics
+                .connections_refused_total
+                .with_label_values(&["max_connections"])
+                .inc();
             tracing::warn!(
                 target: "ndes_gateway::listener",
                 client = %peer.ip(),
@@ -134,14 +143,48 @@ async fn serve_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await {
+    let metrics = proxy.metrics.clone();
+    metrics.connections_total.inc();
+    metrics.connections_active.inc();
+    let _active = ActiveConnection(metrics.clone());
+    let mut tcp = tcp;
+    let (client, prefix) = if settings.proxy_protocol {
+        // The load balancer writes the header at once; the handshake timeout covers it too.
+        let header = tokio::time::timeout(
+            settings.handshake_timeout,
+            read_proxy_header(&mut tcp, peer),
+        )
+        .await;
+        match header {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                refuse_proxy_header(&metrics, peer, &e.0);
+                return;
+            }
+            Err(_) => {
+                refuse_proxy_header(
+                    &metrics,
+                    peer,
+                    "no PROXY header within listen.handshake_timeout",
+                );
+                return;
+            }
+        }
+    } else {
+        (peer, Vec::new())
+    };
+    let stream = Prefixed::new(prefix, tcp);
+    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(target: "ndes_gateway::tls", client = %peer.ip(), error = %e, "TLS handshake failed");
+            metrics.tls_handshake_failures_total.inc();
+            tracing::info!(target: "ndes_gateway::tls", client = %client.ip(), error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            tracing::info!(target: "ndes_gateway::tls", client = %peer.ip(), "TLS handshake timed out (listen.handshake_timeout)");
+            metrics.tls_handshake_failures_total.inc();
+            tracing::info!(target: "ndes_gateway::tls", client = %client.ip(), "TLS handshake timed out (listen.handshake_timeout)");
             return;
         }
     };
@@ -157,7 +200,7 @@ async fn serve_connection(
         let proxy = proxy.clone();
         let guard = InFlight::new(in_service.clone());
         async move {
-            let response = proxy.handle(req, peer).await;
+            let response = proxy.handle(req, client).await;
             drop(guard);
             Ok::<_, Infallible>(response)
         }
@@ -173,7 +216,7 @@ async fn serve_connection(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
-                    log_connection_error(&*e, peer);
+                    log_connection_error(&*e, client, &metrics);
                 }
                 return;
             }
@@ -198,21 +241,48 @@ async fn serve_connection(
 
 /// Errors that end a connection. hyper answers malformed heads itself (400, 414 past the URI
 /// type's 65534-byte ceiling, 431 past the read buffer) and reports them here.
-fn log_connection_error(e: &(dyn std::error::Error + 'static), peer: SocketAddr) {
+fn refuse_proxy_header(metrics: &Metrics, peer: SocketAddr, why: &str) {
+    metrics
+        .connections_refused_total
+        .with_label_values(&["proxy_protocol"])
+        .inc();
+    tracing::info!(target: "ndes_gateway::listener", peer = %peer.ip(), reason = why, "connection refused: listen.proxy_protocol requires a valid PROXY header");
+}
+
+/// Keeps `connections_active` right however the connection's task ends.
+struct ActiveConnection(Arc<Metrics>);
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.connections_active.dec();
+    }
+}
+
+fn log_connection_error(
+    e: &(dyn std::error::Error + 'static),
+    peer: SocketAddr,
+    metrics: &Metrics,
+) {
     let Some(he) = e.downcast_ref::<hyper::Error>() else {
         tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %e, "connection error");
         return;
     };
     if he.is_parse_too_large() {
-        let what = if he.to_string().contains("URI too long") {
-            "request-target over 65534 bytes (limits.max_uri_bytes): answered 414"
+        let (what, reason) = if he.to_string().contains("URI too long") {
+            (
+                "request-target over 65534 bytes (limits.max_uri_bytes): answered 414",
+                "uri_too_long",
+            )
         } else {
-            "request head over the read buffer (limits.max_uri_bytes + limits.max_header_bytes): answered 431"
+            ("request head over the read buffer (limits.max_uri_bytes + limits.max_header_bytes): answered 431", "headers_too_large")
         };
+        metrics.reject(reason);
         tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), reason = what, "request refused by the HTTP parser");
     } else if he.is_parse() {
+        metrics.reject(REASON_MALFORMED);
         tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), error = %he, "malformed request: answered 400");
     } else if he.is_timeout() {
+        metrics.reject(REASON_HEADER_TIMEOUT);
         tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), "request head not received within limits.header_timeout");
     } else {
         tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %he, "connection error");

@@ -1,7 +1,9 @@
-//! One request's straight line: filter, read the body within its limit, forward to NDES, pass the
-//! answer back unchanged, write the access line.
+//! One request's straight line: resolve the client, rate-limit, filter, read the body within its
+//! limit, forward to NDES, pass the answer back unchanged, count it and write the access line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,10 +13,13 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use crate::client_addr::TrustedProxies;
 use crate::filter::{
     request_target_len, RejectReason, Rejection, RequestLimits, ScepPath, ScepRequest,
     PKICLIENT_SUFFIX,
 };
+use crate::metrics::{Metrics, REASON_RATE_LIMITED};
+use crate::ratelimit::{retry_after_secs, RateLimits};
 use crate::upstream::{Upstream, UpstreamErrorKind};
 
 pub type GatewayBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -29,52 +34,153 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 pub struct Proxy {
     pub limits: RequestLimits,
     pub body_timeout: Duration,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<Metrics>,
+    pub rate_limits: Arc<RateLimits>,
+    pub trusted_proxies: TrustedProxies,
+    /// Rate-limited requests not logged yet: a flood must not flood the log too, so at most one
+    /// line a second says how many were refused since the last one.
+    rate_limited_unlogged: AtomicU64,
+    rate_limit_log: governor::DefaultDirectRateLimiter,
 }
 
-/// What became of a request, for the access line.
+/// What became of a request, for the access line and the metrics.
 #[derive(Default)]
 struct Outcome {
     operation: Option<&'static str>,
     upstream_status: Option<u16>,
-    rejected: Option<RejectReason>,
+    rejected: Option<&'static str>,
     upstream_error: Option<UpstreamErrorKind>,
+    upstream_seconds: Option<f64>,
+}
+
+/// The method as a metric label: the usual ones by name, anything else lumped together so a
+/// client cannot create series at will.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 impl Proxy {
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        client: SocketAddr,
-    ) -> Response<GatewayBody> {
+    pub fn new(
+        limits: RequestLimits,
+        body_timeout: Duration,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        rate_limits: Arc<RateLimits>,
+        trusted_proxies: TrustedProxies,
+    ) -> Proxy {
+        Proxy {
+            limits,
+            body_timeout,
+            upstream,
+            metrics,
+            rate_limits,
+            trusted_proxies,
+            rate_limited_unlogged: AtomicU64::new(0),
+            rate_limit_log: governor::RateLimiter::direct(governor::Quota::per_second(
+                std::num::NonZeroU32::MIN,
+            )),
+        }
+    }
+
+    /// `peer` is the connection's client: the TCP peer, or the source of its PROXY header.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<GatewayBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let version = req.version();
         let target_bytes = request_target_len(req.uri(), version);
+        let client = self.trusted_proxies.client_ip(peer.ip(), req.headers());
         let mut outcome = Outcome::default();
-        let response = self.forward(req, client, &mut outcome).await;
-        let status = response.status().as_u16();
-        tracing::info!(
-            target: "ndes_gateway::access",
-            client = %client.ip(),
-            method = %method,
-            version = ?version,
-            operation = outcome.operation.unwrap_or("-"),
-            target_bytes,
-            status,
-            upstream_status = outcome.upstream_status.unwrap_or(0),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            rejected = outcome.rejected.map_or("-", RejectReason::label),
-            upstream_error = outcome.upstream_error.map_or("-", UpstreamErrorKind::label),
-            "request"
-        );
+        let response = match self.rate_limits.check(client) {
+            Ok(()) => self.forward(req, client, &mut outcome).await,
+            Err((scope, wait)) => self.rate_limited(client, scope.key(), wait, &mut outcome),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let operation = outcome.operation.unwrap_or("none");
+        let m = &self.metrics;
+        m.requests_total
+            .with_label_values(&[operation, method_label(&method), response.status().as_str()])
+            .inc();
+        m.request_duration_seconds
+            .with_label_values(&[operation])
+            .observe(seconds);
+        m.request_target_bytes.observe(target_bytes as f64);
+        if let Some(up) = outcome.upstream_seconds {
+            m.upstream_duration_seconds
+                .with_label_values(&[operation])
+                .observe(up);
+        }
+        if let Some(reason) = outcome.rejected {
+            m.reject(reason);
+        }
+        if let Some(kind) = outcome.upstream_error {
+            m.upstream_errors_total
+                .with_label_values(&[kind.label()])
+                .inc();
+        }
+        // Rate-limited requests have their own, throttled, log line.
+        if outcome.rejected != Some(REASON_RATE_LIMITED) {
+            tracing::info!(
+                target: "ndes_gateway::access",
+                client = %client,
+                method = %method,
+                version = ?version,
+                operation,
+                target_bytes,
+                status = response.status().as_u16(),
+                upstream_status = outcome.upstream_status.unwrap_or(0),
+                duration_ms = seconds * 1000.0,
+                rejected = outcome.rejected.unwrap_or("-"),
+                upstream_error = outcome.upstream_error.map_or("-", UpstreamErrorKind::label),
+                "request"
+            );
+        }
         response
+    }
+
+    fn rate_limited(
+        &self,
+        client: IpAddr,
+        key: &'static str,
+        wait: Duration,
+        outcome: &mut Outcome,
+    ) -> Response<GatewayBody> {
+        outcome.rejected = Some(REASON_RATE_LIMITED);
+        let unlogged = self.rate_limited_unlogged.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.rate_limit_log.check().is_ok() {
+            self.rate_limited_unlogged
+                .fetch_sub(unlogged, Ordering::Relaxed);
+            tracing::warn!(
+                target: "ndes_gateway::filter",
+                client = %client,
+                limit = key,
+                refused_since_last_line = unlogged,
+                "requests refused: rate limit"
+            );
+        }
+        let retry = retry_after_secs(wait);
+        let mut resp = text_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("429 Too Many Requests: over the rate limit ({key}); retry in {retry} s\n"),
+            None,
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+        resp
     }
 
     async fn forward(
         &self,
         req: Request<Incoming>,
-        client: SocketAddr,
+        client: IpAddr,
         outcome: &mut Outcome,
     ) -> Response<GatewayBody> {
         let (parts, body) = req.into_parts();
@@ -107,7 +213,10 @@ impl Proxy {
             Ok(r) => r,
             Err(rejection) => return reject(rejection, client, outcome),
         };
-        match self.upstream.send(upstream_req).await {
+        let upstream_started = Instant::now();
+        let sent = self.upstream.send(upstream_req).await;
+        outcome.upstream_seconds = Some(upstream_started.elapsed().as_secs_f64());
+        match sent {
             Ok(resp) => {
                 outcome.upstream_status = Some(resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
@@ -118,7 +227,7 @@ impl Proxy {
                 outcome.upstream_error = Some(e.kind);
                 tracing::warn!(
                     target: "ndes_gateway::upstream",
-                    client = %client.ip(),
+                    client = %client,
                     kind = e.kind.label(),
                     error = %e.message,
                     "request not answered by NDES"
@@ -184,7 +293,7 @@ impl Proxy {
         mut headers: HeaderMap,
         scep: &ScepRequest,
         body: Bytes,
-        client: SocketAddr,
+        client: IpAddr,
     ) -> Result<Request<Full<Bytes>>, Rejection> {
         let target = &self.upstream.target;
         let suffix = match scep.path {
@@ -203,7 +312,7 @@ impl Proxy {
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(&FORWARDED);
         headers.insert(HOST, target.host_header.clone());
-        if let Ok(v) = HeaderValue::from_str(&client.ip().to_string()) {
+        if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
@@ -221,15 +330,11 @@ impl Proxy {
     }
 }
 
-fn reject(
-    rejection: Rejection,
-    client: SocketAddr,
-    outcome: &mut Outcome,
-) -> Response<GatewayBody> {
-    outcome.rejected = Some(rejection.reason);
+fn reject(rejection: Rejection, client: IpAddr, outcome: &mut Outcome) -> Response<GatewayBody> {
+    outcome.rejected = Some(rejection.reason.label());
     tracing::info!(
         target: "ndes_gateway::filter",
-        client = %client.ip(),
+        client = %client,
         status = rejection.status.as_u16(),
         reason = rejection.reason.label(),
         detail = %rejection.detail,

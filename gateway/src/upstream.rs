@@ -48,6 +48,15 @@ pub enum UpstreamErrorKind {
 }
 
 impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 6] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::TlsChain,
+        UpstreamErrorKind::TlsName,
+        UpstreamErrorKind::PinMismatch,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
@@ -536,6 +545,23 @@ impl Upstream {
             client,
             response_timeout: c.response_timeout,
         }
+    }
+
+    /// GetCACaps, as the readiness probe asks it: the status NDES answered with.
+    pub async fn probe(&self) -> Result<u16, UpstreamError> {
+        let uri = self
+            .target
+            .uri_for("", Some("operation=GetCACaps&message=ndes-gateway-probe"))
+            .ok_or_else(|| UpstreamError {
+                kind: UpstreamErrorKind::Protocol,
+                message: "the probe URL does not fit".to_owned(),
+            })?;
+        let mut req = http::Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = uri;
+        req.headers_mut()
+            .insert(http::header::HOST, self.target.host_header.clone());
+        let resp = self.send(req).await?;
+        Ok(resp.status().as_u16())
     }
 
     /// Sends one request and waits for the response head, within the response timeout.

@@ -212,6 +212,9 @@ server_name = "{ndes}"
 {upstream_extra}
 [limits]
 {limits_extra}
+[admin]
+# Off here: its readiness probe would add requests to what the recording upstream counts.
+enabled = false
 "#,
         cert = pki.pki.gateway_cert.display().to_string(),
         key = pki.pki.gateway_key.display().to_string(),

@@ -1,0 +1,165 @@
+//! The admin listener: /metrics, /healthz, /readyz over plain HTTP on its own address (loopback
+//! by default, the management network in production). Nothing else is served there, and the public
+//! listener never serves these paths.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// Whether the gateway should get traffic: its certificates are loaded (it would not run
+/// otherwise) and NDES answered the last GetCACaps probe with 200.
+#[derive(Default)]
+pub struct Readiness {
+    upstream_ok: AtomicBool,
+    why_not: Mutex<String>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.upstream_ok.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, ok: bool, why: String) {
+        if let Ok(mut w) = self.why_not.lock() {
+            *w = why;
+        }
+        self.upstream_ok.store(ok, Ordering::Relaxed);
+    }
+
+    fn why_not(&self) -> String {
+        self.why_not.lock().map(|w| w.clone()).unwrap_or_default()
+    }
+}
+
+/// Asks NDES for GetCACaps every `interval` until `shutdown`, and records the answer.
+pub async fn probe_loop(
+    upstream: Arc<Upstream>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    readiness.set(false, "NDES not probed yet".to_owned());
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticker.tick() => {}
+        }
+        let (ok, why) = match tokio::time::timeout(timeout, upstream.probe()).await {
+            Err(_) => (
+                false,
+                "GetCACaps probe timed out (admin.probe_timeout)".to_owned(),
+            ),
+            Ok(Ok(200)) => (true, String::new()),
+            Ok(Ok(status)) => (false, format!("NDES answered GetCACaps with {status}")),
+            Ok(Err(e)) => (false, format!("NDES unreachable: {e}")),
+        };
+        if ok != readiness.is_ready() {
+            if ok {
+                tracing::info!(target: "ndes_gateway::admin", "ready: NDES answers GetCACaps");
+            } else {
+                tracing::warn!(target: "ndes_gateway::admin", reason = %why, "not ready");
+            }
+        }
+        metrics.upstream_ready.set(i64::from(ok));
+        readiness.set(ok, why);
+    }
+}
+
+/// Serves the admin endpoints until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = answer(&req, &metrics, &readiness);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
+fn answer(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".to_owned());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".to_owned()),
+        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n".to_owned()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", readiness.why_not()),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "only /metrics, /healthz and /readyz\n".to_owned(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Binds the admin address, saying which key to change when it is taken.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::config::ConfigError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        crate::config::ConfigError(format!("admin.addr: cannot listen on {addr}: {e}"))
+    })
+}

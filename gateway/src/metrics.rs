@@ -1,0 +1,183 @@
+//! Prometheus metrics that speak SCEP: by operation, by refusal reason, by upstream failure kind.
+//! One registry per gateway, so two gateways in one process (the demo, the tests) count apart.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::filter::RejectReason;
+use crate::upstream::UpstreamErrorKind;
+
+/// From a cached GetCACaps (milliseconds) to a PKIOperation that waited on Intune's challenge
+/// check and the CA (tens of seconds) up to the 120 s response timeout.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0,
+];
+/// Where SCEP clients and proxies break: 2 KiB (IIS maxQueryString default), 4 KiB (maxUrl
+/// default), ~5.1 KB (WAP without its hotfix), 8 and 16 KiB (nginx and http.sys defaults), 40 KB
+/// (Intune's stated need), 65534 (the configured maximum).
+const TARGET_BYTES_BUCKETS: &[f64] = &[
+    256.0, 1024.0, 2048.0, 4096.0, 5120.0, 8192.0, 16384.0, 32768.0, 40960.0, 49152.0, 65534.0,
+];
+
+/// Refusals that happen before a request reaches the filter, beside the filter's own reasons.
+pub const REASON_RATE_LIMITED: &str = "rate_limited";
+pub const REASON_MALFORMED: &str = "malformed";
+pub const REASON_HEADER_TIMEOUT: &str = "header_timeout";
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub upstream_duration_seconds: HistogramVec,
+    pub rejected_total: IntCounterVec,
+    pub upstream_errors_total: IntCounterVec,
+    pub connections_active: IntGauge,
+    pub connections_total: IntCounter,
+    pub connections_refused_total: IntCounterVec,
+    pub tls_handshake_failures_total: IntCounter,
+    pub request_target_bytes: Histogram,
+    pub upstream_ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Self::build().expect("metric definitions are static and valid")
+    }
+
+    fn build() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("ndes_gateway".to_owned()), None)?;
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Requests answered, by SCEP operation, method and status.",
+            ),
+            &["operation", "method", "status"],
+        )?;
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request head to response head, by SCEP operation.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["operation"],
+        )?;
+        let upstream_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_duration_seconds",
+                "Time NDES took to answer, by SCEP operation.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["operation"],
+        )?;
+        let rejected_total = IntCounterVec::new(
+            Opts::new(
+                "rejected_total",
+                "Requests answered by the gateway itself and never forwarded, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let upstream_errors_total = IntCounterVec::new(
+            Opts::new(
+                "upstream_errors_total",
+                "Requests NDES could not answer, by kind of failure.",
+            ),
+            &["kind"],
+        )?;
+        let connections_active =
+            IntGauge::new("connections_active", "Client connections open now.")?;
+        let connections_total =
+            IntCounter::new("connections_total", "Client connections accepted.")?;
+        let connections_refused_total = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Client connections closed at accept, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let tls_handshake_failures_total = IntCounter::new(
+            "tls_handshake_failures_total",
+            "Client TLS handshakes that failed or timed out.",
+        )?;
+        let request_target_bytes = Histogram::with_opts(
+            HistogramOpts::new(
+                "request_target_bytes",
+                "Length of the request-target (path and query) clients send.",
+            )
+            .buckets(TARGET_BYTES_BUCKETS.to_vec()),
+        )?;
+        let upstream_ready = IntGauge::new(
+            "upstream_ready",
+            "1 when NDES answered the last GetCACaps probe with 200.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "The running version."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(request_duration_seconds.clone()))?;
+        registry.register(Box::new(upstream_duration_seconds.clone()))?;
+        registry.register(Box::new(rejected_total.clone()))?;
+        registry.register(Box::new(upstream_errors_total.clone()))?;
+        registry.register(Box::new(connections_active.clone()))?;
+        registry.register(Box::new(connections_total.clone()))?;
+        registry.register(Box::new(connections_refused_total.clone()))?;
+        registry.register(Box::new(tls_handshake_failures_total.clone()))?;
+        registry.register(Box::new(request_target_bytes.clone()))?;
+        registry.register(Box::new(upstream_ready.clone()))?;
+        registry.register(Box::new(build_info))?;
+
+        // Every reason and kind exists from the start at 0, so an alert on a rate sees its first
+        // increase rather than a series appearing.
+        for reason in RejectReason::ALL {
+            rejected_total.with_label_values(&[reason.label()]);
+        }
+        for reason in [REASON_RATE_LIMITED, REASON_MALFORMED, REASON_HEADER_TIMEOUT] {
+            rejected_total.with_label_values(&[reason]);
+        }
+        for kind in UpstreamErrorKind::ALL {
+            upstream_errors_total.with_label_values(&[kind.label()]);
+        }
+        for reason in ["max_connections", "proxy_protocol"] {
+            connections_refused_total.with_label_values(&[reason]);
+        }
+        Ok(Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            upstream_duration_seconds,
+            rejected_total,
+            upstream_errors_total,
+            connections_active,
+            connections_total,
+            connections_refused_total,
+            tls_handshake_failures_total,
+            request_target_bytes,
+            upstream_ready,
+        })
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.rejected_total.with_label_values(&[reason]).inc();
+    }
+
+    /// The text exposition format, as /metrics serves it.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a failure would be a malformed metric family,
+        // which the static definitions above exclude.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
