@@ -44,6 +44,8 @@ type Responder = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The gateway's readiness probes, kept apart from what clients sent.
+    pub probes: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,6 +77,8 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let probes2 = probes.clone();
         let acceptor = tls.map(|(cert, key)| {
             let chain: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(cert.as_bytes())
@@ -96,11 +100,13 @@ impl Upstream {
                     continue;
                 };
                 let seen = seen2.clone();
+                let probes = probes2.clone();
                 let respond = respond.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
+                        let probes = probes.clone();
                         let respond = respond.clone();
                         async move {
                             let (parts, body) = req.into_parts();
@@ -116,7 +122,11 @@ impl Upstream {
                                 body,
                             };
                             let resp = respond(&s);
-                            seen.lock().unwrap().push(s);
+                            if s.target.contains("message=ndes-gateway-probe") {
+                                probes.lock().unwrap().push(s);
+                            } else {
+                                seen.lock().unwrap().push(s);
+                            }
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -135,7 +145,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, seen, task }
+        Upstream {
+            addr,
+            seen,
+            probes,
+            task,
+        }
     }
 
     pub fn count(&self) -> usize {
