@@ -183,6 +183,17 @@ fn check(path: PathBuf) -> Result<(), String> {
     println!("max_body_bytes = {}", c.limits.max_body_bytes);
     println!("header_timeout = \"{}\"", d(c.limits.header_timeout));
     println!("body_timeout = \"{}\"", d(c.limits.body_timeout));
+    println!("[rate_limit]");
+    let r = &c.rate_limit;
+    println!("per_client_rps = {}  # 0: off", r.per_client_rps);
+    println!("per_client_burst = {}", r.per_client_burst);
+    println!("global_rps = {}  # 0: off", r.global_rps);
+    println!("global_burst = {}", r.global_burst);
+    println!("[admin]");
+    println!("enabled = {}", c.admin.enabled);
+    println!("addr = \"{}\"", c.admin.addr);
+    println!("probe_interval = \"{}\"", d(c.admin.probe_interval));
+    println!("probe_timeout = \"{}\"", d(c.admin.probe_timeout));
     println!("[log]");
     println!(
         "format = \"{}\"",
