@@ -104,20 +104,24 @@ async fn a_matching_spki_pin_is_served_and_a_wrong_one_gets_502() {
 }
 
 #[tokio::test]
-async fn a_pin_of_the_ca_in_the_chain_matches_too() {
+async fn a_pinned_certificate_appended_to_another_chain_does_not_satisfy_the_pin() {
     let pki = Pki::new();
-    let chain = format!(
-        "{}{}",
-        pki.ndes_cert,
-        std::fs::read_to_string(pki.root()).unwrap()
+    // An impostor with its own certificate for the NDES name from the trusted CA, sending the
+    // real (public) NDES certificate after it.
+    let (impostor_cert, impostor_key) = pki
+        .ca
+        .issue_server(&["ndes.corp.test", "127.0.0.1"])
+        .unwrap();
+    let chain = format!("{impostor_cert}{}", pki.ndes_cert);
+    let upstream = Upstream::start(Some((chain, impostor_key)), Arc::new(caps_response)).await;
+    let pin = format!("spki_sha256 = [\"{}\"]", pin_of(&pki.ndes_cert));
+    let config = gateway_config(&pki, upstream.addr, &pin, "");
+    assert_eq!(
+        pool_error(&config).await,
+        Some(UpstreamErrorKind::PinMismatch)
     );
-    let upstream =
-        Upstream::start(Some((chain, pki.ndes_key.clone())), Arc::new(caps_response)).await;
-    let ca_pin = format!(
-        "spki_sha256 = [\"{}\"]",
-        pin_of(&std::fs::read_to_string(pki.root()).unwrap())
-    );
-    let config = gateway_config(&pki, upstream.addr, &ca_pin, "");
+    // Without the pin the impostor passes: the pin is what stops it.
+    let config = gateway_config(&pki, upstream.addr, "", "");
     assert_eq!(pool_error(&config).await, None);
 }
 

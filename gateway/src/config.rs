@@ -150,7 +150,7 @@ pub struct UpstreamConfig {
     pub server_name: Option<String>,
     /// The Host header sent upstream; defaults to `server_name`.
     pub host_header: Option<String>,
-    /// SHA-256 of a SubjectPublicKeyInfo in the presented chain, base64 (Envoy's format).
+    /// SHA-256 of the NDES certificate's SubjectPublicKeyInfo, base64 (Envoy's format).
     #[serde(default)]
     pub spki_sha256: Vec<String>,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
@@ -374,8 +374,11 @@ impl Config {
             ("rate_limit.per_client_rps", r.per_client_rps),
             ("rate_limit.global_rps", r.global_rps),
         ] {
-            if !rps.is_finite() || !(0.0..=1_000_000.0).contains(&rps) {
-                return bad(key, format!("{rps} is out of range: 0 (off) to 1000000"));
+            if !rps.is_finite() || (rps != 0.0 && !(0.000_001..=1_000_000.0).contains(&rps)) {
+                return bad(
+                    key,
+                    format!("{rps} is out of range: 0 (off), or 0.000001 to 1000000"),
+                );
             }
         }
         for (key, d) in [

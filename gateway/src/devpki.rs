@@ -65,6 +65,11 @@ impl DevCa {
 
 /// Writes a fresh dev PKI into `dir` (created if missing).
 pub fn generate(dir: &Path) -> Result<DevPki, String> {
+    generate_with_ca(dir).map(|(pki, _)| pki)
+}
+
+/// The same, keeping the root CA in memory to issue more certificates (its key is never written).
+pub fn generate_with_ca(dir: &Path) -> Result<(DevPki, DevCa), String> {
     let err = |e: rcgen::Error| format!("generating the dev PKI: {e}");
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca = DevCa::new("ndes-gateway dev root CA").map_err(err)?;
@@ -88,5 +93,5 @@ pub fn generate(dir: &Path) -> Result<DevPki, String> {
     write(&pki.ndes_key, &ndes_key)?;
     write(&pki.gateway_cert, &gw_pem)?;
     write(&pki.gateway_key, &gw_key)?;
-    Ok(pki)
+    Ok((pki, ca))
 }

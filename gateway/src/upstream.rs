@@ -83,13 +83,13 @@ impl fmt::Display for UpstreamError {
 
 impl std::error::Error for UpstreamError {}
 
-/// No SPKI pin of the configured list matched any certificate of the presented chain.
+/// No SPKI pin of the configured list matched the server's certificate.
 #[derive(Debug)]
 struct PinMismatch;
 
 impl fmt::Display for PinMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("no certificate in the chain matches upstream.spki_sha256")
+        f.write_str("the server's certificate matches no key in upstream.spki_sha256")
     }
 }
 
@@ -139,11 +139,10 @@ impl ServerCertVerifier for PinnedVerifier {
         if self.pins.is_empty() {
             return Ok(verified);
         }
-        let matched = std::iter::once(end_entity)
-            .chain(intermediates)
-            .filter_map(|c| spki_digest(c))
-            .any(|d| self.pins.contains(&d));
-        if matched {
+        // The server's own certificate only, as Envoy does: the other certificates a server sends
+        // need not be the ones webpki built its path from, so a pin matched there could be a
+        // public certificate appended to an impostor's chain.
+        if spki_digest(end_entity).is_some_and(|d| self.pins.contains(&d)) {
             Ok(verified)
         } else {
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(

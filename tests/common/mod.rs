@@ -171,6 +171,7 @@ impl Upstream {
 pub struct Pki {
     pub dir: tempfile::TempDir,
     pub pki: DevPki,
+    pub ca: DevCa,
     pub ndes_cert: String,
     pub ndes_key: String,
 }
@@ -178,8 +179,9 @@ pub struct Pki {
 impl Pki {
     pub fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let pki = devpki::generate(dir.path()).unwrap();
+        let (pki, ca) = devpki::generate_with_ca(dir.path()).unwrap();
         Pki {
+            ca,
             ndes_cert: std::fs::read_to_string(&pki.ndes_cert).unwrap(),
             ndes_key: std::fs::read_to_string(&pki.ndes_key).unwrap(),
             pki,
