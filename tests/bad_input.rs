@@ -11,12 +11,16 @@ use tokio::net::TcpStream;
 
 const GOOD: &str = "GET /certsrv/mscep/mscep.dll?operation=GetCACaps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 
-/// Reads until the peer closes; returns what it sent. Bounded by IO_TIMEOUT: a connection the
-/// gateway never closes fails the test.
+/// Half the 10 s defaults of the handshake and header timeouts: a test that sets them to 300 ms
+/// and sees the connection closed within this knows its setting, not the default, did it.
+const WITHIN_DEFAULTS: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads until the peer closes; returns what it sent. Bounded by WITHIN_DEFAULTS: a connection the
+/// gateway does not close by then fails the test.
 async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(IO_TIMEOUT, async {
+    let closed = tokio::time::timeout(WITHIN_DEFAULTS, async {
         loop {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -178,7 +182,10 @@ async fn a_head_sent_too_slowly_is_cut_at_the_header_timeout() {
         .unwrap();
     tls.flush().await.unwrap();
     let mut buf = Vec::new();
-    let closed = tokio::time::timeout(IO_TIMEOUT, tls.read_to_end(&mut buf)).await;
-    assert!(closed.is_ok(), "the slow head was not cut");
+    let closed = tokio::time::timeout(WITHIN_DEFAULTS, tls.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the slow head was not cut at limits.header_timeout"
+    );
     assert_eq!(s.upstream.count(), 0);
 }

@@ -80,3 +80,38 @@ async fn connections_past_the_cap_are_closed_and_a_freed_slot_is_reused() {
     }
     assert!(served, "the freed slot was never given to a new connection");
 }
+
+#[tokio::test]
+async fn http2_pings_alone_do_not_keep_a_connection_open() {
+    let pki = Pki::new();
+    let upstream = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let mut config = gateway_config(&pki, upstream.addr, "", "");
+    config.listen.idle_timeout = Duration::from_millis(300);
+    let gw = ndes_gateway::Gateway::start(&config).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(gw.local_addr())
+        .await
+        .unwrap();
+    let tls = tls_connector(pki.root(), &[b"h2"])
+        .connect(
+            rustls::pki_types::ServerName::try_from("scep.example.test").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    // A client that sends a PING every 50 ms and never a request.
+    let (_send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(50))
+            .keep_alive_while_idle(true)
+            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    // Well under the 60 s default idle timeout: only the configured 300 ms can end it in time.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        ended.is_ok(),
+        "a connection with PINGs and no request was kept open"
+    );
+    assert_eq!(upstream.count(), 0);
+}

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -216,7 +216,7 @@ async fn serve_connection(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
-                    log_connection_error(&*e, client, &metrics);
+                    log_connection_error(&*e, client, &metrics, &activity);
                 }
                 return;
             }
@@ -262,6 +262,7 @@ fn log_connection_error(
     e: &(dyn std::error::Error + 'static),
     peer: SocketAddr,
     metrics: &Metrics,
+    activity: &Activity,
 ) {
     let Some(he) = e.downcast_ref::<hyper::Error>() else {
         tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %e, "connection error");
@@ -281,6 +282,10 @@ fn log_connection_error(
     } else if he.is_parse() {
         metrics.reject(REASON_MALFORMED);
         tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), error = %he, "malformed request: answered 400");
+    } else if he.is_timeout() && !activity.partial_head.load(Ordering::Relaxed) {
+        // hyper re-arms the header timeout between keep-alive requests: this is an idle
+        // HTTP/1.1 connection closed, not a slow client.
+        tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "idle keep-alive connection closed (limits.header_timeout)");
     } else if he.is_timeout() {
         metrics.reject(REASON_HEADER_TIMEOUT);
         tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), "request head not received within limits.header_timeout");
@@ -294,11 +299,16 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// When the connection last moved bytes, and how many requests it has in flight; what the idle
-/// timeout looks at. Atomics, because hyper polls the IO and the service from different places.
+/// When the connection last started or finished a request, and how many it has in flight: what
+/// the idle timeout looks at. Bytes alone do not count, or a peer sending an HTTP/2 PING now and
+/// then, or dripping a header block, would hold a connection slot forever. Atomics, because hyper
+/// polls the IO and the service from different places.
 struct Activity {
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Bytes arrived since the last request head was complete: a header timeout then cut a
+    /// request short, rather than closing a keep-alive connection that sat idle.
+    partial_head: AtomicBool,
 }
 
 impl Activity {
@@ -306,6 +316,7 @@ impl Activity {
         let a = Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            partial_head: AtomicBool::new(false),
         };
         a.touch();
         a
@@ -341,6 +352,8 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn new(activity: Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.partial_head.store(false, Ordering::Relaxed);
+        activity.touch();
         InFlight(activity)
     }
 }
@@ -352,7 +365,7 @@ impl Drop for InFlight {
     }
 }
 
-/// The client's TLS stream, noting each read and write that moves bytes, and giving hyper's own
+/// The client's TLS stream, noting bytes that arrive between requests, and giving hyper's own
 /// bodiless answers to oversized heads the gateway's text/plain reason.
 struct ActivityIo<T> {
     inner: T,
@@ -421,7 +434,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.partial_head.store(true, Ordering::Relaxed);
         }
         poll
     }
@@ -450,14 +463,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
                     other => return other,
                 }
             }
-            self.activity.touch();
             return Poll::Ready(Ok(buf.len()));
         }
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -472,11 +480,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
                 return self.poll_write(cx, only);
             }
         }
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
