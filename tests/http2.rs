@@ -113,3 +113,92 @@ async fn a_65535_byte_path_is_refused_and_never_forwarded() {
     // The connection still serves the next client.
     assert_eq!(python_h2(&s, 200).await["status"], 200);
 }
+
+/// A body of `total` bytes in 10 000-byte DATA frames, with no length known in advance: the client
+/// sends no Content-Length, so only the gateway's reading limit can stop it.
+struct Unsized {
+    left: usize,
+}
+
+impl hyper::body::Body for Unsized {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(10_000);
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![
+            b'x';
+            n
+        ])))))
+    }
+}
+
+async fn h2_send(s: &Setup, method: http::Method, path: &str, body: Unsized) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let tls = tls_connector(s.pki.root(), &[b"h2"])
+        .connect(
+            rustls::pki_types::ServerName::try_from("scep.example.test").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(absolute(path))
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_body_without_content_length_is_capped_while_it_streams() {
+    let s = Setup::new().await;
+    let post = format!("{SCEP}?operation=PKIOperation");
+    let (status, _) = h2_send(&s, http::Method::POST, &post, Unsized { left: 65_536 }).await;
+    assert_eq!(status, 200);
+    let seen = s.upstream.last();
+    assert_eq!(seen.body.len(), 65_536);
+    assert_eq!(seen.headers.get("content-length").unwrap(), "65536");
+    let (status, body) = h2_send(&s, http::Method::POST, &post, Unsized { left: 65_537 }).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("limits.max_body_bytes"), "{body}");
+    assert_eq!(s.upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn a_get_with_data_frames_is_400() {
+    let s = Setup::new().await;
+    let (status, _) = h2_send(
+        &s,
+        http::Method::GET,
+        &format!("{SCEP}?operation=GetCACaps"),
+        Unsized { left: 10 },
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(s.upstream.count(), 0);
+}

@@ -32,7 +32,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Enough for a large fleet enrolling at once; each idle TLS connection costs a few KiB.
 pub const MAX_CONNECTIONS: usize = 10_000;
-pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// A SCEP client sends one request at a time; a few streams leave room for retries and keep what
+/// one connection can make the gateway hold small.
+pub const MAX_CONCURRENT_STREAMS: u32 = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// NDES waits on Intune's challenge validation and on the CA before it answers a PKIOperation;
 /// Entra Application Proxy's 85 s default is known to be too short for it.
@@ -41,6 +43,8 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 /// IIS does and never sends a request onto a connection that is being closed.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const POOL_MAX_IDLE: usize = 64;
+/// Microsoft's sizing guide puts one NDES server at about 300 concurrent requests.
+pub const MAX_IN_FLIGHT: usize = 256;
 /// The admin listener stays on the host unless the operator moves it to the management network.
 pub const ADMIN_ADDR: &str = "127.0.0.1:9180";
 /// Readiness follows NDES within two probes; GetCACaps costs NDES next to nothing.
@@ -161,6 +165,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
+    /// Requests sent to NDES at once; more wait up to connect_timeout, then get 503.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -246,6 +253,9 @@ fn default_pool_idle_timeout() -> Duration {
 }
 fn default_pool_max_idle() -> usize {
     POOL_MAX_IDLE
+}
+fn default_max_in_flight() -> usize {
+    MAX_IN_FLIGHT
 }
 fn default_max_uri_bytes() -> usize {
     MAX_URI_BYTES
@@ -390,6 +400,9 @@ impl Config {
             }
         }
         crate::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
+        if self.upstream.max_in_flight == 0 {
+            return bad("upstream.max_in_flight", "must be at least 1".to_owned());
+        }
         if self.listen.max_connections == 0 {
             return bad("listen.max_connections", "must be at least 1".to_owned());
         }

@@ -77,11 +77,12 @@ pub enum RejectReason {
     AmbiguousFraming,
     BodyNotAllowed,
     UnsupportedMediaType,
+    BodyTimeout,
     BadRequest,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::UriTooLong,
         RejectReason::QueryTooLong,
         RejectReason::HeadersTooLarge,
@@ -94,6 +95,7 @@ impl RejectReason {
         RejectReason::AmbiguousFraming,
         RejectReason::BodyNotAllowed,
         RejectReason::UnsupportedMediaType,
+        RejectReason::BodyTimeout,
         RejectReason::BadRequest,
     ];
 
@@ -111,6 +113,7 @@ impl RejectReason {
             RejectReason::AmbiguousFraming => "ambiguous_framing",
             RejectReason::BodyNotAllowed => "body_not_allowed",
             RejectReason::UnsupportedMediaType => "unsupported_media_type",
+            RejectReason::BodyTimeout => "body_timeout",
             RejectReason::BadRequest => "bad_request",
         }
     }
@@ -333,6 +336,15 @@ fn operation_of(query: &str) -> Result<ScepOperation, Rejection> {
     let mut found: Option<ScepOperation> = None;
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key.contains('%') {
+            // NDES may decode a name the filter reads as written: `%6Fperation` would be a second
+            // operation the filter never saw. No SCEP client encodes a parameter name.
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                RejectReason::AmbiguousOperation,
+                "percent-encoded parameter names are not accepted".to_owned(),
+            ));
+        }
         if !key.eq_ignore_ascii_case("operation") {
             continue;
         }
@@ -499,6 +511,13 @@ mod tests {
             status(check(
                 Method::GET,
                 "/certsrv/mscep/mscep.dll?operation=GetCACaps&operation=PKIOperation"
+            )),
+            400
+        );
+        assert_eq!(
+            status(check(
+                Method::GET,
+                "/certsrv/mscep/mscep.dll?operation=GetCACaps&%6Fperation=GetCRL"
             )),
             400
         );

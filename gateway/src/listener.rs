@@ -55,6 +55,7 @@ impl ListenerSettings {
             .half_close(false)
             .max_buf_size(l.max_uri_bytes + l.max_header_bytes + HEAD_SLACK_BYTES)
             .writev(true);
+        let window = u32::try_from(l.max_body_bytes.max(65_535)).unwrap_or(u32::MAX);
         let http2 = c.listen.http2.then(|| {
             let mut b = auto::Builder::new(TokioExecutor::new()).http2_only();
             b.http2()
@@ -64,6 +65,10 @@ impl ListenerSettings {
                     (l.max_uri_bytes + l.max_header_bytes + H2_HEADER_LIST_SLACK_BYTES) as u32,
                 )
                 .max_concurrent_streams(c.listen.max_concurrent_streams)
+                // Flow-control windows sized to the body limit rather than hyper's 1 MiB, so a
+                // client cannot park megabytes in a connection.
+                .initial_stream_window_size(window)
+                .initial_connection_window_size(window.saturating_mul(4))
                 .keep_alive_interval(None)
                 .max_pending_accept_reset_streams(Some(20))
                 .max_local_error_reset_streams(Some(1024));

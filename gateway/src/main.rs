@@ -176,6 +176,7 @@ fn check(path: PathBuf) -> Result<(), String> {
         d(c.upstream.pool_idle_timeout)
     );
     println!("pool_max_idle = {}", c.upstream.pool_max_idle);
+    println!("max_in_flight = {}", c.upstream.max_in_flight);
     println!("[limits]");
     println!("max_uri_bytes = {}", c.limits.max_uri_bytes);
     println!("max_query_bytes = {}", c.limits.max_query_bytes);

@@ -11,7 +11,7 @@ use http::header::{self, HeaderName, CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 
 use crate::client_addr::TrustedProxies;
 use crate::filter::{
@@ -198,6 +198,16 @@ impl Proxy {
                 Ok(bytes) => bytes,
                 Err(rejection) => return reject(rejection, client, outcome),
             }
+        } else if !body.is_end_stream() {
+            // An HTTP/2 GET can carry DATA frames without a Content-Length, which the filter
+            // cannot see: refused here, before the body is held while NDES answers.
+            let rejection = Rejection {
+                status: StatusCode::BAD_REQUEST,
+                reason: RejectReason::BodyNotAllowed,
+                detail: "a GET request carries no body in SCEP".to_owned(),
+                allow: None,
+            };
+            return reject(rejection, client, outcome);
         } else {
             Bytes::new()
         };
@@ -238,6 +248,10 @@ impl Proxy {
                     UpstreamErrorKind::Timeout => {
                         (StatusCode::GATEWAY_TIMEOUT, "NDES did not answer in time")
                     }
+                    UpstreamErrorKind::Busy => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many requests are waiting on NDES; try again shortly",
+                    ),
                     _ => (
                         StatusCode::BAD_GATEWAY,
                         "the gateway could not get an answer from NDES",
@@ -264,7 +278,7 @@ impl Proxy {
         match tokio::time::timeout(self.body_timeout, Limited::new(body, limit).collect()).await {
             Err(_) => Err(Rejection {
                 status: StatusCode::REQUEST_TIMEOUT,
-                reason: RejectReason::BadRequest,
+                reason: RejectReason::BodyTimeout,
                 detail: "the request body did not arrive within limits.body_timeout".to_owned(),
                 allow: None,
             }),
@@ -311,6 +325,9 @@ impl Proxy {
         headers.remove(&X_FORWARDED_FOR);
         headers.remove(&X_FORWARDED_PROTO);
         headers.remove(&FORWARDED);
+        // SCEP is anonymous over HTTP; credentials sent to the edge are not NDES's business, and
+        // connection-bound schemes (NTLM, Negotiate) over a shared pool would outlive the client.
+        headers.remove(header::AUTHORIZATION);
         headers.insert(HOST, target.host_header.clone());
         if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
             headers.insert(X_FORWARDED_FOR.clone(), v);

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -15,7 +16,9 @@ use governor::{Quota, RateLimiter};
 use crate::config::RateLimitConfig;
 
 /// Above this many tracked addresses the store is pruned at once instead of waiting for the next
-/// periodic pass, so an address-spraying flood cannot grow it without bound.
+/// periodic pass; if pruning cannot bring it back under (every address is still within its
+/// allowance, as in an address-spraying flood) the store is started afresh. Memory stays bounded
+/// at the price of forgetting, during such a flood, who had used their burst.
 const MAX_TRACKED_CLIENTS: usize = 100_000;
 /// How often, in checks, the store's size is looked at.
 const SIZE_CHECK_EVERY: u64 = 1024;
@@ -41,7 +44,8 @@ impl Scope {
 }
 
 pub struct RateLimits<C: Clock = DefaultClock> {
-    per_client: Option<Keyed<C>>,
+    per_client: Option<RwLock<Keyed<C>>>,
+    per_client_quota: Option<Quota>,
     global: Option<Direct<C>>,
     clock: C,
     checks: AtomicU64,
@@ -52,7 +56,7 @@ fn quota(rps: f64, burst: u32) -> Option<Quota> {
     if rps <= 0.0 {
         return None;
     }
-    let period = Duration::from_secs_f64(1.0 / rps);
+    let period = Duration::try_from_secs_f64(1.0 / rps).ok()?;
     let burst = NonZeroU32::new(burst)
         .unwrap_or_else(|| NonZeroU32::new(rps.ceil().max(1.0) as u32).unwrap_or(NonZeroU32::MIN));
     Quota::with_period(period).map(|q| q.allow_burst(burst))
@@ -66,9 +70,11 @@ impl RateLimits<DefaultClock> {
 
 impl<C: Clock + Clone> RateLimits<C> {
     pub fn with_clock(c: &RateLimitConfig, clock: C) -> RateLimits<C> {
+        let per_client_quota = quota(c.per_client_rps, c.per_client_burst);
         RateLimits {
-            per_client: quota(c.per_client_rps, c.per_client_burst)
-                .map(|q| RateLimiter::dashmap_with_clock(q, clock.clone())),
+            per_client: per_client_quota
+                .map(|q| RwLock::new(RateLimiter::dashmap_with_clock(q, clock.clone()))),
+            per_client_quota,
             global: quota(c.global_rps, c.global_burst)
                 .map(|q| RateLimiter::direct_with_clock(q, clock.clone())),
             clock,
@@ -84,12 +90,12 @@ impl<C: Clock + Clone> RateLimits<C> {
     /// it and when the next request would pass.
     pub fn check(&self, client: IpAddr) -> Result<(), (Scope, Duration)> {
         if let Some(keyed) = &self.per_client {
-            if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0
-                && keyed.len() > MAX_TRACKED_CLIENTS
-            {
-                self.prune();
+            if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0 {
+                self.bound_store();
             }
-            keyed.check_key(&client).map_err(|not_until| {
+            // A poisoned lock only means another thread panicked mid-check; the limiter is fine.
+            let keyed = keyed.read().unwrap_or_else(|e| e.into_inner());
+            keyed.check_key(&client_key(client)).map_err(|not_until| {
                 (Scope::PerClient, not_until.wait_time_from(self.clock.now()))
             })?;
         }
@@ -101,16 +107,52 @@ impl<C: Clock + Clone> RateLimits<C> {
         Ok(())
     }
 
+    fn bound_store(&self) {
+        let (Some(lock), Some(quota)) = (&self.per_client, self.per_client_quota) else {
+            return;
+        };
+        if lock.read().unwrap_or_else(|e| e.into_inner()).len() <= MAX_TRACKED_CLIENTS {
+            return;
+        }
+        self.prune();
+        let mut keyed = lock.write().unwrap_or_else(|e| e.into_inner());
+        if keyed.len() > MAX_TRACKED_CLIENTS {
+            tracing::warn!(
+                target: "ndes_gateway::filter",
+                tracked = keyed.len(),
+                "per-client rate limit store full (an address-spraying flood?): starting it afresh"
+            );
+            *keyed = RateLimiter::dashmap_with_clock(quota, self.clock.clone());
+        }
+    }
+
     /// Forgets the addresses whose allowance is full again: they would pass anyway.
     pub fn prune(&self) {
-        if let Some(keyed) = &self.per_client {
+        if let Some(lock) = &self.per_client {
+            let keyed = lock.read().unwrap_or_else(|e| e.into_inner());
             keyed.retain_recent();
             keyed.shrink_to_fit();
         }
     }
 
     pub fn tracked_clients(&self) -> usize {
-        self.per_client.as_ref().map_or(0, |k| k.len())
+        self.per_client
+            .as_ref()
+            .map_or(0, |k| k.read().unwrap_or_else(|e| e.into_inner()).len())
+    }
+}
+
+/// The key a client is limited by: its IPv4 address, or its IPv6 /64, since one subscriber gets a
+/// whole /64 and could otherwise take a fresh address for every request.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
     }
 }
 
@@ -179,6 +221,23 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         limits.prune();
         assert_eq!(limits.tracked_clients(), 0);
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_client_and_the_store_stays_bounded() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(&config(0.001, 1, 0.0, 0), clock);
+        assert!(limits.check("2001:db8:1:2::1".parse().unwrap()).is_ok());
+        assert!(limits
+            .check("2001:db8:1:2:ffff::9".parse().unwrap())
+            .is_err());
+        assert!(limits.check("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        // A spray of fresh addresses, each within its allowance, never grows it past the cap by
+        // more than one size-check interval.
+        for i in 0..(MAX_TRACKED_CLIENTS as u32 + 5_000) {
+            let _ = limits.check(IpAddr::from(i.to_be_bytes()));
+        }
+        assert!(limits.tracked_clients() <= MAX_TRACKED_CLIENTS + SIZE_CHECK_EVERY as usize);
     }
 
     #[test]

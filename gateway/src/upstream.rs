@@ -45,16 +45,19 @@ pub enum UpstreamErrorKind {
     PinMismatch,
     Timeout,
     Protocol,
+    /// `upstream.max_in_flight` requests already wait on NDES.
+    Busy,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 6] = [
+    pub const ALL: [UpstreamErrorKind; 7] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::TlsChain,
         UpstreamErrorKind::TlsName,
         UpstreamErrorKind::PinMismatch,
         UpstreamErrorKind::Timeout,
         UpstreamErrorKind::Protocol,
+        UpstreamErrorKind::Busy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -65,6 +68,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::PinMismatch => "pin_mismatch",
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::Busy => "busy",
         }
     }
 }
@@ -520,6 +524,11 @@ pub struct Upstream {
     pub target: UpstreamTarget,
     client: UpstreamClient,
     response_timeout: Duration,
+    /// Requests to NDES at once: bounds the connections opened to it and the bodies held
+    /// meanwhile, whatever the number of clients and HTTP/2 streams.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
+    queue_timeout: Duration,
 }
 
 impl Upstream {
@@ -543,6 +552,9 @@ impl Upstream {
             target,
             client,
             response_timeout: c.response_timeout,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
+            max_in_flight: c.max_in_flight,
+            queue_timeout: c.connect_timeout,
         }
     }
 
@@ -568,6 +580,19 @@ impl Upstream {
         &self,
         req: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
+        // Held until the response head is back; the body that follows is small and streams.
+        let _slot = match tokio::time::timeout(self.queue_timeout, self.in_flight.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(UpstreamError {
+                    kind: UpstreamErrorKind::Busy,
+                    message: format!(
+                        "{} requests already wait on NDES (upstream.max_in_flight)",
+                        self.max_in_flight
+                    ),
+                })
+            }
+        };
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Err(_) => Err(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
