@@ -92,6 +92,16 @@ async fn scepclient_enrols_through_the_gateway() {
     assert!(subject.contains("CN=e2e-device"), "{subject}");
     assert!(issuer.contains("SCEP CA"), "{issuer}");
     assert_eq!(chain.issued("e2e-device").len(), 1);
+    // The gateway read both sides of the exchange.
+    let scrape = chain.public.metrics.render();
+    assert!(
+        scrape.contains("ndes_gateway_scep_messages_total{fail_info=\"none\",message_type=\"PKCSReq\",pki_status=\"SUCCESS\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("ndes_gateway_scep_parse_errors_total{direction=\"request\"} 0"),
+        "{scrape}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,8 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:9180";
 /// Readiness follows NDES within two probes; GetCACaps costs NDES next to nothing.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Certificates expire in months; an hourly look is plenty and costs NDES nothing.
+pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The file as written, before anything is loaded from disk.
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +67,47 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub scep: ScepConfig,
+}
+
+/// What to do when the RA certificates NDES hands out have expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpiredRa {
+    /// /readyz fails: devices cannot enrol anyway (NDES answers 500).
+    #[default]
+    Fail,
+    /// Logged and exported only.
+    Warn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScepConfig {
+    /// Refuse (400) a PKIOperation whose message is not a readable SCEP pkiMessage. Off by
+    /// default: inspection then only logs and counts, and never changes what is forwarded.
+    #[serde(default)]
+    pub strict: bool,
+    /// How often GetCACert is fetched from NDES to export the CA and RA certificates' expiry.
+    #[serde(default = "default_cert_check_interval", deserialize_with = "duration")]
+    pub cert_check_interval: Duration,
+    #[serde(default)]
+    pub expired_ra: ExpiredRa,
+}
+
+impl Default for ScepConfig {
+    fn default() -> Self {
+        ScepConfig {
+            strict: false,
+            cert_check_interval: CERT_CHECK_INTERVAL,
+            expired_ra: ExpiredRa::Fail,
+        }
+    }
+}
+
+fn default_cert_check_interval() -> Duration {
+    CERT_CHECK_INTERVAL
 }
 
 /// Requests per second and burst, per client address and for the whole gateway; 0 turns one off.
@@ -394,6 +437,7 @@ impl Config {
         for (key, d) in [
             ("admin.probe_interval", self.admin.probe_interval),
             ("admin.probe_timeout", self.admin.probe_timeout),
+            ("scep.cert_check_interval", self.scep.cert_check_interval),
         ] {
             if d.is_zero() {
                 return bad(key, "must be more than zero".to_owned());

@@ -78,11 +78,12 @@ pub enum RejectReason {
     BodyNotAllowed,
     UnsupportedMediaType,
     BodyTimeout,
+    ScepUnparsable,
     BadRequest,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         RejectReason::UriTooLong,
         RejectReason::QueryTooLong,
         RejectReason::HeadersTooLarge,
@@ -96,6 +97,7 @@ impl RejectReason {
         RejectReason::BodyNotAllowed,
         RejectReason::UnsupportedMediaType,
         RejectReason::BodyTimeout,
+        RejectReason::ScepUnparsable,
         RejectReason::BadRequest,
     ];
 
@@ -114,6 +116,7 @@ impl RejectReason {
             RejectReason::BodyNotAllowed => "body_not_allowed",
             RejectReason::UnsupportedMediaType => "unsupported_media_type",
             RejectReason::BodyTimeout => "body_timeout",
+            RejectReason::ScepUnparsable => "scep_unparsable",
             RejectReason::BadRequest => "bad_request",
         }
     }

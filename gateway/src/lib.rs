@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod scep;
 pub mod tls;
 pub mod upstream;
 
@@ -111,6 +112,7 @@ impl Gateway {
             metrics.clone(),
             rate_limits.clone(),
             trusted_proxies,
+            config.scep.strict,
         ));
         let settings = Arc::new(ListenerSettings::from_config(config));
         let (shutdown, rx) = watch::channel(false);

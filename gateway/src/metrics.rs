@@ -39,6 +39,9 @@ pub struct Metrics {
     pub tls_handshake_failures_total: IntCounter,
     pub request_target_bytes: Histogram,
     pub upstream_ready: IntGauge,
+    pub scep_messages_total: IntCounterVec,
+    pub scep_parse_errors_total: IntCounterVec,
+    pub certificate_expiry_timestamp_seconds: IntGaugeVec,
 }
 
 impl Metrics {
@@ -111,6 +114,27 @@ impl Metrics {
             "upstream_ready",
             "1 when NDES answered the last GetCACaps probe with 200.",
         )?;
+        let scep_messages_total = IntCounterVec::new(
+            Opts::new(
+                "scep_messages_total",
+                "PKIOperations, by the request's messageType and the CertRep's pkiStatus and failInfo.",
+            ),
+            &["message_type", "pki_status", "fail_info"],
+        )?;
+        let scep_parse_errors_total = IntCounterVec::new(
+            Opts::new(
+                "scep_parse_errors_total",
+                "SCEP messages that could not be read, by direction.",
+            ),
+            &["direction"],
+        )?;
+        let certificate_expiry_timestamp_seconds = IntGaugeVec::new(
+            Opts::new(
+                "certificate_expiry_timestamp_seconds",
+                "notAfter of the certificates the service depends on, by role (ca, ra, listener, upstream_tls).",
+            ),
+            &["role", "subject"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "The running version."),
             &["version"],
@@ -131,6 +155,12 @@ impl Metrics {
         registry.register(Box::new(request_target_bytes.clone()))?;
         registry.register(Box::new(upstream_ready.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(scep_messages_total.clone()))?;
+        registry.register(Box::new(scep_parse_errors_total.clone()))?;
+        registry.register(Box::new(certificate_expiry_timestamp_seconds.clone()))?;
+        for direction in ["request", "response"] {
+            scep_parse_errors_total.with_label_values(&[direction]);
+        }
 
         // Every reason and kind exists from the start at 0, so an alert on a rate sees its first
         // increase rather than a series appearing.
@@ -159,6 +189,9 @@ impl Metrics {
             tls_handshake_failures_total,
             request_target_bytes,
             upstream_ready,
+            scep_messages_total,
+            scep_parse_errors_total,
+            certificate_expiry_timestamp_seconds,
         })
     }
 

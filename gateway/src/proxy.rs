@@ -15,11 +15,15 @@ use hyper::body::{Body, Incoming};
 
 use crate::client_addr::TrustedProxies;
 use crate::filter::{
-    request_target_len, RejectReason, Rejection, RequestLimits, ScepPath, ScepRequest,
-    PKICLIENT_SUFFIX,
+    request_target_len, RejectReason, Rejection, RequestLimits, ScepOperation, ScepPath,
+    ScepRequest, PKICLIENT_SUFFIX,
 };
 use crate::metrics::{Metrics, REASON_RATE_LIMITED};
 use crate::ratelimit::{retry_after_secs, RateLimits};
+use crate::scep::{
+    decode_get_message, fail_info_name, message_type_name, parse_pki_message, pki_status_name,
+    PkiMessage, MAX_MESSAGE_BYTES,
+};
 use crate::upstream::{Upstream, UpstreamErrorKind};
 
 pub type GatewayBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -38,6 +42,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub rate_limits: Arc<RateLimits>,
     pub trusted_proxies: TrustedProxies,
+    /// Refuse a PKIOperation whose message does not parse (`scep.strict`).
+    pub scep_strict: bool,
     /// Rate-limited requests not logged yet: a flood must not flood the log too, so at most one
     /// line a second says how many were refused since the last one.
     rate_limited_unlogged: AtomicU64,
@@ -52,6 +58,14 @@ struct Outcome {
     rejected: Option<&'static str>,
     upstream_error: Option<UpstreamErrorKind>,
     upstream_seconds: Option<f64>,
+    /// What the PKIOperation carried and what NDES answered, when they could be read.
+    scep: Option<ScepExchange>,
+}
+
+#[derive(Default)]
+struct ScepExchange {
+    request: Option<PkiMessage>,
+    response: Option<PkiMessage>,
 }
 
 /// The method as a metric label: the usual ones by name, anything else lumped together so a
@@ -76,6 +90,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         rate_limits: Arc<RateLimits>,
         trusted_proxies: TrustedProxies,
+        scep_strict: bool,
     ) -> Proxy {
         Proxy {
             limits,
@@ -84,6 +99,7 @@ impl Proxy {
             metrics,
             rate_limits,
             trusted_proxies,
+            scep_strict,
             rate_limited_unlogged: AtomicU64::new(0),
             rate_limit_log: governor::RateLimiter::direct(governor::Quota::per_second(
                 std::num::NonZeroU32::MIN,
@@ -126,6 +142,32 @@ impl Proxy {
                 .with_label_values(&[kind.label()])
                 .inc();
         }
+        let scep = outcome.scep.as_ref();
+        let request = scep.and_then(|e| e.request.as_ref());
+        let cert_rep = scep.and_then(|e| e.response.as_ref());
+        let message_type = request
+            .and_then(|m| m.message_type)
+            .map_or("-", message_type_name);
+        let pki_status = cert_rep
+            .and_then(|m| m.pki_status)
+            .map_or("-", pki_status_name);
+        let fail_info = cert_rep
+            .and_then(|m| m.fail_info)
+            .map_or("-", fail_info_name);
+        if scep.is_some() {
+            let or_none = |label: &'static str| if label == "-" { "none" } else { label };
+            m.scep_messages_total
+                .with_label_values(&[
+                    if request.is_some() {
+                        message_type
+                    } else {
+                        "unparsed"
+                    },
+                    or_none(pki_status),
+                    or_none(fail_info),
+                ])
+                .inc();
+        }
         // Rate-limited requests have their own, throttled, log line.
         if outcome.rejected != Some(REASON_RATE_LIMITED) {
             tracing::info!(
@@ -140,6 +182,10 @@ impl Proxy {
                 duration_ms = seconds * 1000.0,
                 rejected = outcome.rejected.unwrap_or("-"),
                 upstream_error = outcome.upstream_error.map_or("-", UpstreamErrorKind::label),
+                transaction_id = request.and_then(|m| m.transaction_id.as_deref()).unwrap_or("-"),
+                message_type,
+                pki_status,
+                fail_info,
                 "request"
             );
         }
@@ -212,6 +258,39 @@ impl Proxy {
             Bytes::new()
         };
 
+        if scep.operation == Some(ScepOperation::PkiOperation) {
+            let parsed = if parts.method == Method::POST {
+                parse_pki_message(&body)
+            } else {
+                decode_get_message(parts.uri.query().unwrap_or(""))
+                    .and_then(|d| parse_pki_message(&d))
+            };
+            let request = match parsed {
+                Ok(msg) => Some(msg),
+                Err(e) => {
+                    self.metrics
+                        .scep_parse_errors_total
+                        .with_label_values(&["request"])
+                        .inc();
+                    tracing::info!(target: "ndes_gateway::scep", client = %client, error = %e, "PKIOperation message not readable");
+                    if self.scep_strict {
+                        let rejection = Rejection {
+                            status: StatusCode::BAD_REQUEST,
+                            reason: RejectReason::ScepUnparsable,
+                            detail: format!("the PKIOperation message is not a SCEP pkiMessage: {e} (scep.strict)"),
+                            allow: None,
+                        };
+                        return reject(rejection, client, outcome);
+                    }
+                    None
+                }
+            };
+            outcome.scep = Some(ScepExchange {
+                request,
+                response: None,
+            });
+        }
+
         let upstream_req = match self.upstream_request(
             &parts.method,
             &parts.uri,
@@ -231,7 +310,12 @@ impl Proxy {
                 outcome.upstream_status = Some(resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed_unsync())
+                match outcome.scep.as_mut() {
+                    Some(exchange) if parts.status == StatusCode::OK => {
+                        self.read_cert_rep(parts, body, exchange, client).await
+                    }
+                    _ => Response::from_parts(parts, body.boxed_unsync()),
+                }
             }
             Err(e) => {
                 outcome.upstream_error = Some(e.kind);
@@ -268,6 +352,78 @@ impl Proxy {
                 )
             }
         }
+    }
+
+    /// Reads NDES's CertRep to learn pkiStatus and failInfo, then sends the same bytes on. At most
+    /// MAX_MESSAGE_BYTES are held: past that (never for SCEP) the answer streams on uninspected,
+    /// what was read first included.
+    async fn read_cert_rep(
+        &self,
+        mut parts: http::response::Parts,
+        mut body: Incoming,
+        exchange: &mut ScepExchange,
+        client: IpAddr,
+    ) -> Response<GatewayBody> {
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|len| len > MAX_MESSAGE_BYTES) {
+            return Response::from_parts(parts, body.boxed_unsync());
+        }
+        let mut held = bytes::BytesMut::new();
+        let read = tokio::time::timeout(self.body_timeout, async {
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    held.extend_from_slice(&data);
+                    if held.len() > MAX_MESSAGE_BYTES {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok::<bool, hyper::Error>(true)
+        })
+        .await;
+        match read {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                let rest = HeldThenRest {
+                    held: Some(held.freeze()),
+                    rest: body,
+                };
+                return Response::from_parts(parts, rest.boxed_unsync());
+            }
+            _ => {
+                tracing::warn!(target: "ndes_gateway::upstream", client = %client, "NDES's PKIOperation answer was cut short");
+                return text_response(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: the answer from NDES was cut short\n".to_owned(),
+                    None,
+                );
+            }
+        }
+        let bytes = held.freeze();
+        match parse_pki_message(&bytes) {
+            Ok(msg) => exchange.response = Some(msg),
+            Err(e) => {
+                self.metrics
+                    .scep_parse_errors_total
+                    .with_label_values(&["response"])
+                    .inc();
+                tracing::info!(target: "ndes_gateway::scep", client = %client, error = %e, "CertRep from NDES not readable");
+            }
+        }
+        // Whole now: a chunked answer goes on with its length.
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        Response::from_parts(
+            parts,
+            Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
     }
 
     /// Reads a PKIOperation body whole, within the limit and the body timeout: NDES needs it with a
@@ -358,6 +514,27 @@ fn reject(rejection: Rejection, client: IpAddr, outcome: &mut Outcome) -> Respon
         "request refused at the edge"
     );
     text_response(rejection.status, rejection.body(), rejection.allow)
+}
+
+/// An answer whose first bytes were read already, then the rest as it comes.
+struct HeldThenRest {
+    held: Option<Bytes>,
+    rest: Incoming,
+}
+
+impl Body for HeldThenRest {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if let Some(held) = self.held.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(held))));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
 }
 
 /// The gateway's own answers: short, text/plain, never cached.

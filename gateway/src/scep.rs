@@ -1,0 +1,317 @@
+//! SCEP awareness: what a PKIOperation carries (messageType, transactionID, senderNonce) and what
+//! NDES answered (pkiStatus, failInfo), and the CA and RA certificates of GetCACert. Read with
+//! the RustCrypto crates; never changes what is forwarded; bounded in size, so in time.
+
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use cms::cert::CertificateChoices;
+use cms::content_info::ContentInfo;
+use cms::signed_data::SignedData;
+use der::asn1::{ObjectIdentifier, OctetStringRef, PrintableStringRef};
+use der::{Decode, Encode};
+use x509_cert::Certificate;
+
+/// Larger than any SCEP message (a PKCSReq is 2.5 to 4 KB, a CertRep with a chain a few KB): a
+/// bigger input is not parsed at all, so hostile input costs bounded time and memory.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+const ID_SIGNED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.2");
+const MESSAGE_TYPE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.113733.1.9.2");
+const PKI_STATUS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.113733.1.9.3");
+const FAIL_INFO: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.113733.1.9.4");
+const SENDER_NONCE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.113733.1.9.5");
+const TRANSACTION_ID: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.113733.1.9.7");
+/// A transactionID longer than this is cut in logs: it is the client's text.
+const MAX_TRANSACTION_ID_CHARS: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScepError(pub &'static str);
+
+impl std::fmt::Display for ScepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// RFC 8894 Table 3, and what a metric label says for each.
+pub fn message_type_name(code: u32) -> &'static str {
+    match code {
+        3 => "CertRep",
+        17 => "RenewalReq",
+        19 => "PKCSReq",
+        20 => "CertPoll",
+        21 => "GetCert",
+        22 => "GetCRL",
+        _ => "unknown",
+    }
+}
+
+/// RFC 8894 Table 4.
+pub fn pki_status_name(code: u32) -> &'static str {
+    match code {
+        0 => "SUCCESS",
+        2 => "FAILURE",
+        3 => "PENDING",
+        _ => "unknown",
+    }
+}
+
+/// RFC 8894 Table 5.
+pub fn fail_info_name(code: u32) -> &'static str {
+    match code {
+        0 => "badAlg",
+        1 => "badMessageCheck",
+        2 => "badRequest",
+        3 => "badTime",
+        4 => "badCertId",
+        _ => "unknown",
+    }
+}
+
+/// The signed attributes of a pkiMessage that say what it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PkiMessage {
+    pub message_type: Option<u32>,
+    pub transaction_id: Option<String>,
+    pub sender_nonce: Option<Vec<u8>>,
+    pub pki_status: Option<u32>,
+    pub fail_info: Option<u32>,
+}
+
+/// Reads a pkiMessage: CMS SignedData whose first signer carries the SCEP attributes. The
+/// enveloped inner content is not opened (the gateway holds no CA or RA key).
+pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
+    let signed = signed_data(der)?;
+    let signer = signed
+        .signer_infos
+        .0
+        .as_slice()
+        .first()
+        .ok_or(ScepError("no signer"))?;
+    let attrs = signer
+        .signed_attrs
+        .as_ref()
+        .ok_or(ScepError("no signed attributes"))?;
+    let mut msg = PkiMessage::default();
+    for attr in attrs.iter() {
+        let Some(value) = attr.values.as_slice().first() else {
+            continue;
+        };
+        let printable = || {
+            value
+                .decode_as::<PrintableStringRef<'_>>()
+                .map(|s| s.as_str().to_owned())
+                .map_err(|_| ScepError("a SCEP attribute is not a PrintableString"))
+        };
+        let number = || -> Result<u32, ScepError> {
+            printable()?
+                .trim()
+                .parse()
+                .map_err(|_| ScepError("a SCEP attribute is not a decimal number"))
+        };
+        match attr.oid {
+            MESSAGE_TYPE => msg.message_type = Some(number()?),
+            PKI_STATUS => msg.pki_status = Some(number()?),
+            FAIL_INFO => msg.fail_info = Some(number()?),
+            TRANSACTION_ID => {
+                msg.transaction_id = Some(
+                    printable()?
+                        .chars()
+                        .take(MAX_TRANSACTION_ID_CHARS)
+                        .collect(),
+                )
+            }
+            SENDER_NONCE => {
+                msg.sender_nonce = value
+                    .decode_as::<OctetStringRef<'_>>()
+                    .ok()
+                    .map(|o| o.as_bytes().to_vec())
+            }
+            _ => {}
+        }
+    }
+    if msg.message_type.is_none() {
+        return Err(ScepError("no messageType attribute: not a SCEP pkiMessage"));
+    }
+    Ok(msg)
+}
+
+fn signed_data(der: &[u8]) -> Result<SignedData, ScepError> {
+    if der.len() > MAX_MESSAGE_BYTES {
+        return Err(ScepError("larger than any SCEP message"));
+    }
+    let info = ContentInfo::from_der(der).map_err(|_| ScepError("not a DER CMS ContentInfo"))?;
+    if info.content_type != ID_SIGNED_DATA {
+        return Err(ScepError("not CMS SignedData"));
+    }
+    info.content
+        .decode_as::<SignedData>()
+        .map_err(|_| ScepError("malformed CMS SignedData"))
+}
+
+/// The `message` parameter of a GET PKIOperation, decoded: percent-decoding as RFC 3986 says
+/// (a `+` stays a `+`), line breaks dropped (sscep wraps at 64 characters), then base64 in the
+/// standard or URL-safe alphabet (scepclient 2.1 sends the latter), padded or not.
+pub fn decode_get_message(query: &str) -> Result<Vec<u8>, ScepError> {
+    let raw = query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case("message"))
+        .map(|(_, v)| v)
+        .ok_or(ScepError("no message parameter"))?;
+    if raw.len() > MAX_MESSAGE_BYTES * 2 {
+        return Err(ScepError("larger than any SCEP message"));
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    let text: Vec<u8> = decoded
+        .into_iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(|b| match b {
+            b'-' => b'+',
+            b'_' => b'/',
+            other => other,
+        })
+        .collect();
+    let engine = GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    engine
+        .decode(text)
+        .map_err(|_| ScepError("the message parameter is not base64"))
+}
+
+/// The certificates of a GetCACert answer: one DER certificate (x-x509-ca-cert), or a degenerate
+/// certs-only SignedData with the CA and the RA certificates (x-x509-ca-ra-cert).
+pub fn parse_ca_certs(body: &[u8]) -> Result<Vec<Certificate>, ScepError> {
+    if let Ok(cert) = Certificate::from_der(body) {
+        return Ok(vec![cert]);
+    }
+    let signed = signed_data(body)?;
+    let certs: Vec<Certificate> = signed
+        .certificates
+        .map(|set| {
+            set.0
+                .into_vec()
+                .into_iter()
+                .filter_map(|c| match c {
+                    CertificateChoices::Certificate(c) => Some(c),
+                    CertificateChoices::Other(_) => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if certs.is_empty() {
+        return Err(ScepError("no certificate in the GetCACert answer"));
+    }
+    Ok(certs)
+}
+
+/// A CA certificate (basicConstraints cA), as opposed to an RA certificate.
+pub fn is_ca(cert: &Certificate) -> bool {
+    const BASIC_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.19");
+    cert.tbs_certificate
+        .extensions
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .filter(|e| e.extn_id == BASIC_CONSTRAINTS)
+        .filter_map(|e| {
+            x509_cert::ext::pkix::BasicConstraints::from_der(e.extn_value.as_bytes()).ok()
+        })
+        .any(|bc| bc.ca)
+}
+
+/// notAfter as seconds since the Unix epoch.
+pub fn not_after_unix(cert: &Certificate) -> u64 {
+    cert.tbs_certificate
+        .validity
+        .not_after
+        .to_unix_duration()
+        .as_secs()
+}
+
+/// The DER of a degenerate certs-only SignedData holding `certs`: what NDES sends for GetCACert
+/// when it has RA certificates. Tests and the stand-ins use it.
+pub fn degenerate_pkcs7(certs: &[Certificate]) -> Result<Vec<u8>, der::Error> {
+    use cms::content_info::CmsVersion;
+    use cms::signed_data::{CertificateSet, EncapsulatedContentInfo, SignerInfos};
+    use der::asn1::SetOfVec;
+    const ID_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
+    let mut set = SetOfVec::new();
+    for c in certs {
+        set.insert(CertificateChoices::Certificate(c.clone()))?;
+    }
+    let signed = SignedData {
+        version: CmsVersion::V1,
+        digest_algorithms: SetOfVec::new(),
+        encap_content_info: EncapsulatedContentInfo {
+            econtent_type: ID_DATA,
+            econtent: None,
+        },
+        certificates: Some(CertificateSet(set)),
+        crls: None,
+        signer_infos: SignerInfos(SetOfVec::new()),
+    };
+    ContentInfo {
+        content_type: ID_SIGNED_DATA,
+        content: der::Any::encode_from(&signed)?,
+    }
+    .to_der()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_messages_in_every_spelling_decode_alike() {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(600).collect();
+        let std = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes);
+        let encoded: String = std
+            .bytes()
+            .map(|b| match b {
+                b'+' => "%2B".to_owned(),
+                b'/' => "%2F".to_owned(),
+                b'=' => "%3D".to_owned(),
+                b => (b as char).to_string(),
+            })
+            .collect();
+        let wrapped: String = std
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("%0A");
+        for message in [&std, &url, &encoded, &wrapped] {
+            let q = format!("operation=PKIOperation&message={message}");
+            assert_eq!(decode_get_message(&q).unwrap(), bytes, "{message}");
+        }
+    }
+
+    #[test]
+    fn garbage_truncated_and_oversized_input_is_refused() {
+        assert!(parse_pki_message(b"").is_err());
+        assert!(parse_pki_message(b"\x30\x80\x00\x00").is_err());
+        assert!(parse_pki_message(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(parse_pki_message(&vec![0x30; MAX_MESSAGE_BYTES + 1]).is_err());
+        let mut x: u32 = 7;
+        for len in [1usize, 10, 100, 1000, 10_000] {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            assert!(parse_pki_message(&junk).is_err());
+            assert!(parse_ca_certs(&junk).is_err());
+        }
+        assert!(decode_get_message("operation=PKIOperation").is_err());
+        assert!(decode_get_message("message=***").is_err());
+    }
+}
