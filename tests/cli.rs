@@ -175,3 +175,139 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn certs_csr_carries_the_names_and_eku_and_verifies_with_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    let csr = dir.path().join("r.csr");
+    let out = gateway(&[
+        "certs",
+        "csr",
+        "--public-name",
+        "scep.contoso.com",
+        "--internal-name",
+        "ndes01.corp.contoso.com",
+        "--key-out",
+        key.to_str().unwrap(),
+        "--csr-out",
+        csr.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = openssl(&[
+        "req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-noout",
+        "-verify",
+        "-text",
+    ]);
+    assert!(
+        text.contains("CN = scep.contoso.com") || text.contains("CN=scep.contoso.com"),
+        "{text}"
+    );
+    assert!(
+        text.contains("DNS:scep.contoso.com, DNS:ndes01.corp.contoso.com"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    // The key matches the CSR, and is never overwritten.
+    let pubkey_of_key = openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout"]);
+    let pubkey_of_csr = openssl(&["req", "-in", csr.to_str().unwrap(), "-noout", "-pubkey"]);
+    assert_eq!(pubkey_of_key, pubkey_of_csr);
+    let again = gateway(&[
+        "certs",
+        "csr",
+        "--public-name",
+        "x.test",
+        "--key-out",
+        key.to_str().unwrap(),
+        "--csr-out",
+        dir.path().join("b.csr").to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+}
+
+#[test]
+fn certs_pin_agrees_with_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(dir.path()).unwrap();
+    let out = gateway(&["certs", "pin", pki.ndes_cert.to_str().unwrap()]);
+    let ours = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let pipeline = format!(
+        "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        pki.ndes_cert.display()
+    );
+    let theirs = Command::new("sh").args(["-c", &pipeline]).output().unwrap();
+    assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout).trim());
+    assert_eq!(ours.len(), 44);
+}
+
+#[test]
+fn certs_pin_connect_reads_a_live_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(dir.path()).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\n[log]\nformat = \"json\"\n[admin]\nenabled = false\n",
+        pki.ndes_cert.display().to_string(),
+        pki.ndes_key.display().to_string(),
+        pki.root.display().to_string(),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let listening = (0..10)
+        .filter_map(|_| serde_json::from_str::<serde_json::Value>(&lines.next()?.ok()?).ok())
+        .find(|v| v["message"] == "listening")
+        .expect("never listening");
+    let addr = listening["addr"].as_str().unwrap().to_owned();
+    let out = gateway(&[
+        "certs",
+        "pin",
+        "--connect",
+        &addr,
+        "--server-name",
+        "ndes.corp.test",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let file = gateway(&["certs", "pin", pki.ndes_cert.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().next(),
+        String::from_utf8_lossy(&file.stdout).lines().next()
+    );
+}

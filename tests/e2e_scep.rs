@@ -207,3 +207,25 @@ async fn a_real_pkcsreq_sent_as_get_enrols_through_the_gateway() {
         "scepserver issued no certificate for the GET"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_passes_against_scepserver_behind_a_tls_front() {
+    let chain = Chain::start().await;
+    let text = demo::public_config_text(
+        &chain.pki,
+        "127.0.0.1:0".parse().unwrap(),
+        chain._front.local_addr(),
+    )
+    .unwrap();
+    let config = Config::parse(&text).unwrap();
+    let findings = ndes_gateway::doctor::run(&config, None).await;
+    let report = ndes_gateway::doctor::render_text(&findings);
+    assert!(!ndes_gateway::doctor::failed(&findings), "{report}");
+    let warned: Vec<&str> = findings
+        .iter()
+        .filter(|f| f.verdict == ndes_gateway::doctor::Verdict::Warn)
+        .map(|f| f.check)
+        .collect();
+    // The dev certificate comes straight from the root; scepserver is not IIS.
+    assert_eq!(warned, ["listener_chain", "policy_module"], "{report}");
+}

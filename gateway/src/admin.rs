@@ -26,11 +26,27 @@ use crate::upstream::Upstream;
 pub struct Readiness {
     upstream_ok: AtomicBool,
     why_not: Mutex<String>,
+    /// An expired RA certificate (with `scep.expired_ra = "fail"`).
+    ra_problem: Mutex<Option<String>>,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
+        self.upstream_ok.load(Ordering::Relaxed) && self.ra_problem().is_none()
+    }
+
+    fn upstream_ok(&self) -> bool {
         self.upstream_ok.load(Ordering::Relaxed)
+    }
+
+    fn ra_problem(&self) -> Option<String> {
+        self.ra_problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    pub fn set_ra_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.ra_problem.lock() {
+            *p = problem;
+        }
     }
 
     fn set(&self, ok: bool, why: String) {
@@ -41,6 +57,9 @@ impl Readiness {
     }
 
     fn why_not(&self) -> String {
+        if let Some(p) = self.ra_problem() {
+            return p;
+        }
         self.why_not.lock().map(|w| w.clone()).unwrap_or_default()
     }
 }
@@ -71,7 +90,7 @@ pub async fn probe_loop(
             Ok(Ok(status)) => (false, format!("NDES answered GetCACaps with {status}")),
             Ok(Err(e)) => (false, format!("NDES unreachable: {e}")),
         };
-        if ok != readiness.is_ready() {
+        if ok != readiness.upstream_ok() {
             if ok {
                 tracing::info!(target: "ndes_gateway::admin", "ready: NDES answers GetCACaps");
             } else {

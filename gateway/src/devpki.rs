@@ -63,6 +63,27 @@ impl DevCa {
     }
 }
 
+impl DevCa {
+    /// An RA certificate as NDES has them (not a CA, not for TLS), valid in the past when
+    /// `expired`: what an NDES whose RA certificates lapsed hands out in GetCACert.
+    pub fn issue_ra(&self, common_name: &str, expired: bool) -> Result<String, rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate()?;
+        Ok(params.signed_by(&key, &self.issuer)?.pem())
+    }
+}
+
 /// Writes a fresh dev PKI into `dir` (created if missing).
 pub fn generate(dir: &Path) -> Result<DevPki, String> {
     generate_with_ca(dir).map(|(pki, _)| pki)

@@ -8,10 +8,13 @@
 //! serve the local demo and the tests.
 
 pub mod admin;
+pub mod certs;
+pub mod certwatch;
 pub mod client_addr;
 pub mod config;
 pub mod demo;
 pub mod devpki;
+pub mod doctor;
 pub mod filter;
 pub mod listener;
 pub mod logging;
@@ -125,6 +128,15 @@ impl Gateway {
                 readiness.clone(),
                 rx.clone(),
             ));
+            let watch = certwatch::CertWatch {
+                upstream: upstream.clone(),
+                metrics: metrics.clone(),
+                readiness: readiness.clone(),
+                listener: tls::load_certificates(&config.listen.cert, "listen.cert")?,
+                interval: config.scep.cert_check_interval,
+                expired_ra: config.scep.expired_ra,
+            };
+            tasks.spawn(watch.run(rx.clone()));
             tasks.spawn(admin::probe_loop(
                 upstream,
                 readiness.clone(),

@@ -32,6 +32,23 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Diagnose the configured NDES and the gateway's own settings: a checklist of pass, warn and
+    /// fail with the fix in NDES and IIS terms. Exit 0 when nothing fails, 1 otherwise.
+    Doctor {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the findings as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The name devices use (the SCEP URL's host); default: the listener certificate's CN.
+        #[arg(long, value_name = "NAME")]
+        public_name: Option<String>,
+    },
+    /// Certificate helpers: a CSR for the public name, SPKI pins, the dev PKI.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Run the local demo: a dev PKI, micromdm scepserver behind a TLS front, the gateway in
     /// front of that, and a real enrolment with scepclient through it (needs the Debian package
     /// `scep`).
@@ -46,6 +63,41 @@ enum Command {
         /// Stop after the enrolment instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a new private key and a CSR for the public certificate: subject CN the public name,
+    /// SANs the public and internal names, server authentication requested.
+    Csr {
+        #[arg(long, value_name = "NAME")]
+        public_name: String,
+        #[arg(long, value_name = "NAME")]
+        internal_name: Option<String>,
+        /// Where to write the key (created with mode 0600; never overwritten).
+        #[arg(long, value_name = "FILE", default_value = "public.key")]
+        key_out: PathBuf,
+        #[arg(long, value_name = "FILE", default_value = "public.csr")]
+        csr_out: PathBuf,
+    },
+    /// Print the SPKI SHA-256 pins (for upstream.spki_sha256) of the certificates in a PEM file,
+    /// or of the chain a live server presents.
+    Pin {
+        /// A PEM file of certificates.
+        #[arg(required_unless_present = "connect", conflicts_with = "connect")]
+        file: Option<PathBuf>,
+        /// HOST:PORT of a live server, e.g. ndes01.corp.contoso.com:443.
+        #[arg(long, value_name = "HOST:PORT", requires = "server_name")]
+        connect: Option<String>,
+        /// The name to ask the server for (SNI).
+        #[arg(long, value_name = "NAME")]
+        server_name: Option<String>,
+    },
+    /// Write the development PKI the demo and the tests use (never for production).
+    Dev {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -64,6 +116,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::Check { config } => check(config),
+        Command::Doctor {
+            config,
+            json,
+            public_name,
+        } => {
+            return runtime.block_on(doctor(config, json, public_name));
+        }
+        Command::Certs { command } => runtime.block_on(certs(command)),
         Command::Demo { dir, listen, once } => {
             logging::init(&ndes_gateway::config::LogConfig {
                 level: "warn,ndes_gateway::access=info".to_owned(),
@@ -79,6 +139,91 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn doctor(path: PathBuf, json: bool, public_name: Option<String>) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ndes-gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let findings = ndes_gateway::doctor::run(&config, public_name.as_deref()).await;
+    if json {
+        println!("{}", ndes_gateway::doctor::render_json(&findings));
+    } else {
+        print!("{}", ndes_gateway::doctor::render_text(&findings));
+    }
+    if ndes_gateway::doctor::failed(&findings) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn certs(command: CertsCommand) -> Result<(), String> {
+    use ndes_gateway::certs;
+    match command {
+        CertsCommand::Csr {
+            public_name,
+            internal_name,
+            key_out,
+            csr_out,
+        } => {
+            let (key, csr) = certs::csr(&public_name, internal_name.as_deref())?;
+            write_new(&key_out, &key, true)?;
+            write_new(&csr_out, &csr, false)?;
+            println!("key: {}\nCSR: {}", key_out.display(), csr_out.display());
+            Ok(())
+        }
+        CertsCommand::Pin {
+            file,
+            connect,
+            server_name,
+        } => {
+            let pins = match (file, connect, server_name) {
+                (Some(f), _, _) => certs::pins_of_file(&f)?,
+                (None, Some(addr), Some(name)) => certs::pins_of_server(&addr, &name).await?,
+                _ => {
+                    return Err(
+                        "give a PEM file, or --connect HOST:PORT --server-name NAME".to_owned()
+                    )
+                }
+            };
+            for (pin, subject) in pins {
+                println!("{pin}  # {subject}");
+            }
+            Ok(())
+        }
+        CertsCommand::Dev { out } => {
+            let pki = ndes_gateway::devpki::generate(&out)?;
+            println!(
+                "dev PKI in {} (root.pem, ndes.pem/.key, gateway.pem/.key)",
+                pki.dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes a new file, never over an existing one (a key overwritten is a key lost).
+fn write_new(path: &std::path::Path, text: &str, private: bool) -> Result<(), String> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = options
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 async fn serve(path: PathBuf) -> Result<(), String> {

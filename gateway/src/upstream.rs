@@ -122,7 +122,12 @@ fn spki_digest(cert: &[u8]) -> Option<[u8; 32]> {
 struct PinnedVerifier {
     webpki: Arc<WebPkiServerVerifier>,
     pins: Vec<[u8; 32]>,
+    /// The last certificate NDES presented, for its expiry gauge and `doctor`.
+    seen: SeenLeaf,
 }
+
+/// The certificate NDES presented last, whether or not it passed.
+pub type SeenLeaf = Arc<std::sync::Mutex<Option<CertificateDer<'static>>>>;
 
 impl ServerCertVerifier for PinnedVerifier {
     fn verify_server_cert(
@@ -133,6 +138,9 @@ impl ServerCertVerifier for PinnedVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(end_entity.clone().into_owned());
+        }
         let verified = self.webpki.verify_server_cert(
             end_entity,
             intermediates,
@@ -190,6 +198,7 @@ pub struct UpstreamTarget {
     pub host_header: HeaderValue,
     pub tls: Option<Arc<ClientConfig>>,
     pub pins: usize,
+    pub seen_leaf: SeenLeaf,
 }
 
 impl fmt::Debug for UpstreamTarget {
@@ -247,8 +256,9 @@ impl UpstreamTarget {
                 "upstream.host_header: {host_text:?} is not a valid Host"
             ))
         })?;
+        let seen_leaf = SeenLeaf::default();
         let tls = if scheme == Scheme::HTTPS {
-            Some(client_config(c)?)
+            Some(client_config(c, seen_leaf.clone())?)
         } else if scheme == Scheme::HTTP {
             // Plain HTTP only to a server on the same host: the sidecar case, where the hop never
             // leaves the machine. Anything else would carry enrolments in clear across the LAN.
@@ -280,6 +290,7 @@ impl UpstreamTarget {
             host_header,
             tls,
             pins: c.spki_sha256.len(),
+            seen_leaf,
         })
     }
 
@@ -304,7 +315,7 @@ impl UpstreamTarget {
     }
 }
 
-fn client_config(c: &UpstreamConfig) -> Result<Arc<ClientConfig>, ConfigError> {
+fn client_config(c: &UpstreamConfig, seen: SeenLeaf) -> Result<Arc<ClientConfig>, ConfigError> {
     let ca = c.ca.as_ref().ok_or_else(|| {
         ConfigError("upstream.ca: required for https://: the PEM file of the CA that issued the NDES certificate (the system roots are never used)".to_owned())
     })?;
@@ -333,7 +344,7 @@ fn client_config(c: &UpstreamConfig) -> Result<Arc<ClientConfig>, ConfigError> {
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| ConfigError(format!("upstream.ca: {e}")))?;
-    let verifier = Arc::new(PinnedVerifier { webpki, pins });
+    let verifier = Arc::new(PinnedVerifier { webpki, pins, seen });
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConfigError(format!("TLS: {e}")))?
@@ -517,6 +528,22 @@ fn classify_tls_error(e: &io::Error) -> UpstreamError {
     }
 }
 
+/// A whole answer from NDES to one of the gateway's own requests.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn header(&self, name: http::header::HeaderName) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
 pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
 
 /// The pool and its settings; one per gateway.
@@ -560,19 +587,57 @@ impl Upstream {
 
     /// GetCACaps, as the readiness probe asks it: the status NDES answered with.
     pub async fn probe(&self) -> Result<u16, UpstreamError> {
+        let resp = self
+            .get("", Some("operation=GetCACaps&message=ndes-gateway-probe"))
+            .await?;
+        Ok(resp.status().as_u16())
+    }
+
+    /// A GET of the upstream SCEP path with `suffix` and `query`, as the gateway's own checks
+    /// (readiness, certificate watch, doctor) ask it.
+    pub async fn get(
+        &self,
+        suffix: &str,
+        query: Option<&str>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
         let uri = self
             .target
-            .uri_for("", Some("operation=GetCACaps&message=ndes-gateway-probe"))
+            .uri_for(suffix, query)
             .ok_or_else(|| UpstreamError {
                 kind: UpstreamErrorKind::Protocol,
-                message: "the probe URL does not fit".to_owned(),
+                message: "the URL does not fit".to_owned(),
             })?;
         let mut req = http::Request::new(Full::new(Bytes::new()));
         *req.uri_mut() = uri;
         req.headers_mut()
             .insert(http::header::HOST, self.target.host_header.clone());
-        let resp = self.send(req).await?;
-        Ok(resp.status().as_u16())
+        self.send(req).await
+    }
+
+    /// The same, with the whole body (at most `limit` bytes).
+    pub async fn get_all(
+        &self,
+        suffix: &str,
+        query: Option<&str>,
+        limit: usize,
+    ) -> Result<Answer, UpstreamError> {
+        use http_body_util::BodyExt;
+        let resp = self.get(suffix, query).await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = http_body_util::Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| UpstreamError {
+                kind: UpstreamErrorKind::Protocol,
+                message: format!("reading the answer: {e}"),
+            })?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// Sends one request and waits for the response head, within the response timeout.
