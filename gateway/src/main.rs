@@ -340,6 +340,20 @@ fn check(path: PathBuf) -> Result<(), String> {
     println!("addr = \"{}\"", c.admin.addr);
     println!("probe_interval = \"{}\"", d(c.admin.probe_interval));
     println!("probe_timeout = \"{}\"", d(c.admin.probe_timeout));
+    println!("[scep]");
+    println!("strict = {}", c.scep.strict);
+    println!(
+        "cert_check_interval = \"{}\"",
+        d(c.scep.cert_check_interval)
+    );
+    println!(
+        "expired_ra = \"{}\"",
+        if c.scep.expired_ra == ndes_gateway::config::ExpiredRa::Fail {
+            "fail"
+        } else {
+            "warn"
+        }
+    );
     println!("[log]");
     println!(
         "format = \"{}\"",
