@@ -138,17 +138,167 @@ pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
     Ok(msg)
 }
 
-fn signed_data(der: &[u8]) -> Result<SignedData, ScepError> {
-    if der.len() > MAX_MESSAGE_BYTES {
+fn signed_data(input: &[u8]) -> Result<SignedData, ScepError> {
+    if input.len() > MAX_MESSAGE_BYTES {
         return Err(ScepError("larger than any SCEP message"));
     }
-    let info = ContentInfo::from_der(der).map_err(|_| ScepError("not a DER CMS ContentInfo"))?;
+    let info = match ContentInfo::from_der(input) {
+        Ok(info) => info,
+        // iOS sends its pkiMessage in BER (indefinite lengths, segmented OCTET STRINGs).
+        Err(_) => {
+            let der = ber_to_der(input)?;
+            ContentInfo::from_der(&der).map_err(|_| ScepError("not a CMS ContentInfo"))?
+        }
+    };
     if info.content_type != ID_SIGNED_DATA {
         return Err(ScepError("not CMS SignedData"));
     }
     info.content
         .decode_as::<SignedData>()
         .map_err(|_| ScepError("malformed CMS SignedData"))
+}
+
+/// How deep BER nesting may go: a pkiMessage nests about ten levels; past this it is hostile.
+const MAX_BER_DEPTH: usize = 32;
+
+/// Re-encodes BER as DER where SCEP clients differ: indefinite lengths become definite, and
+/// constructed (segmented) OCTET STRINGs become one primitive OCTET STRING. Anything else is
+/// copied as it is, so a DER input comes out unchanged. Input size (MAX_MESSAGE_BYTES) and depth
+/// (MAX_BER_DEPTH) are bounded, so is the work.
+pub fn ber_to_der(input: &[u8]) -> Result<Vec<u8>, ScepError> {
+    let mut out = Vec::with_capacity(input.len());
+    let used = ber_element(input, 0, &mut out)?;
+    if used != input.len() {
+        return Err(ScepError("trailing bytes after the message"));
+    }
+    Ok(out)
+}
+
+const BER_ERROR: ScepError = ScepError("malformed BER");
+
+/// Converts one element at the start of `input`; returns how many input bytes it took.
+fn ber_element(input: &[u8], depth: usize, out: &mut Vec<u8>) -> Result<usize, ScepError> {
+    if depth > MAX_BER_DEPTH {
+        return Err(ScepError("BER nested too deep"));
+    }
+    let first = *input.first().ok_or(BER_ERROR)?;
+    let mut pos = 1;
+    if first & 0x1f == 0x1f {
+        // High tag number: continuation bytes while bit 8 is set.
+        loop {
+            let b = *input.get(pos).ok_or(BER_ERROR)?;
+            pos += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if pos > 6 {
+                return Err(BER_ERROR);
+            }
+        }
+    }
+    let tag = &input[..pos];
+    let constructed = first & 0x20 != 0;
+    let len_byte = *input.get(pos).ok_or(BER_ERROR)?;
+    pos += 1;
+    let definite = match len_byte {
+        0x80 => None,
+        b if b < 0x80 => Some(usize::from(b)),
+        b => {
+            let n = usize::from(b & 0x7f);
+            if n > 4 {
+                return Err(BER_ERROR);
+            }
+            let bytes = input.get(pos..pos + n).ok_or(BER_ERROR)?;
+            pos += n;
+            Some(
+                bytes
+                    .iter()
+                    .fold(0usize, |acc, &b| (acc << 8) | usize::from(b)),
+            )
+        }
+    };
+    if !constructed {
+        let len = definite.ok_or(BER_ERROR)?;
+        let content = input
+            .get(pos..pos.checked_add(len).ok_or(BER_ERROR)?)
+            .ok_or(BER_ERROR)?;
+        out.extend_from_slice(tag);
+        push_len(out, len);
+        out.extend_from_slice(content);
+        return Ok(pos + len);
+    }
+    // Constructed: convert the children into a scratch buffer, then write the definite length.
+    let mut children = Vec::new();
+    let end = match definite {
+        Some(len) => {
+            let end = pos.checked_add(len).ok_or(BER_ERROR)?;
+            let body = input.get(pos..end).ok_or(BER_ERROR)?;
+            let mut at = 0;
+            while at < body.len() {
+                at += ber_element(&body[at..], depth + 1, &mut children)?;
+            }
+            end
+        }
+        None => {
+            let mut at = pos;
+            loop {
+                match input.get(at..at + 2) {
+                    Some([0, 0]) => break at + 2,
+                    Some(_) => at += ber_element(&input[at..], depth + 1, &mut children)?,
+                    None => return Err(BER_ERROR),
+                }
+            }
+        }
+    };
+    if first == 0x24 {
+        // A segmented OCTET STRING: DER has it in one piece.
+        let joined = octet_segments(&children)?;
+        out.push(0x04);
+        push_len(out, joined.len());
+        out.extend_from_slice(&joined);
+    } else {
+        out.extend_from_slice(tag);
+        push_len(out, children.len());
+        out.extend_from_slice(&children);
+    }
+    Ok(end)
+}
+
+/// The contents of the (already DER) primitive OCTET STRINGs in `segments`, end to end.
+fn octet_segments(mut segments: &[u8]) -> Result<Vec<u8>, ScepError> {
+    let mut joined = Vec::with_capacity(segments.len());
+    while !segments.is_empty() {
+        if segments[0] != 0x04 {
+            return Err(BER_ERROR);
+        }
+        let (header_len, len) = der_header(segments).ok_or(BER_ERROR)?;
+        let content = segments
+            .get(header_len..header_len + len)
+            .ok_or(BER_ERROR)?;
+        joined.extend_from_slice(content);
+        segments = &segments[header_len + len..];
+    }
+    Ok(joined)
+}
+
+/// The header length and content length of the DER element at the start of `input`.
+fn der_header(input: &[u8]) -> Option<(usize, usize)> {
+    use der::Reader;
+    let mut reader = der::SliceReader::new(input).ok()?;
+    let header = der::Header::decode(&mut reader).ok()?;
+    let header_len = usize::try_from(reader.position()).ok()?;
+    Some((header_len, usize::try_from(header.length).ok()?))
+}
+
+fn push_len(out: &mut Vec<u8>, len: usize) {
+    if len < 0x80 {
+        out.push(len as u8);
+        return;
+    }
+    let bytes = len.to_be_bytes();
+    let skip = bytes.iter().take_while(|&&b| b == 0).count();
+    out.push(0x80 | (bytes.len() - skip) as u8);
+    out.extend_from_slice(&bytes[skip..]);
 }
 
 /// The `message` parameter of a GET PKIOperation, decoded: percent-decoding as RFC 3986 says
@@ -290,6 +440,68 @@ mod tests {
             let q = format!("operation=PKIOperation&message={message}");
             assert_eq!(decode_get_message(&q).unwrap(), bytes, "{message}");
         }
+    }
+
+    /// DER re-encoded the way iOS sends it: every constructed element with an indefinite length,
+    /// and long OCTET STRINGs cut into segments.
+    fn der_to_ber(der: &[u8]) -> (Vec<u8>, usize) {
+        let (header_len, len) = der_header(der).unwrap();
+        let content = &der[header_len..header_len + len];
+        let mut out = Vec::new();
+        if der[0] & 0x20 != 0 {
+            out.push(der[0]);
+            out.push(0x80);
+            let mut at = 0;
+            while at < content.len() {
+                let (child, used) = der_to_ber(&content[at..]);
+                out.extend_from_slice(&child);
+                at += used;
+            }
+            out.extend_from_slice(&[0, 0]);
+        } else if der[0] == 0x04 && content.len() > 100 {
+            out.extend_from_slice(&[0x24, 0x80]);
+            for piece in content.chunks(100) {
+                out.push(0x04);
+                push_len(&mut out, piece.len());
+                out.extend_from_slice(piece);
+            }
+            out.extend_from_slice(&[0, 0]);
+        } else {
+            out.extend_from_slice(&der[..header_len + len]);
+        }
+        (out, header_len + len)
+    }
+
+    #[test]
+    fn ber_as_ios_sends_it_reads_like_der() {
+        let ca = crate::devpki::DevCa::new("BER test CA").unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let cert = |name: &str| {
+            let (pem, _) = ca.issue_server(&[name]).unwrap();
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            Certificate::from_der(&der).unwrap()
+        };
+        let pkcs7 = degenerate_pkcs7(&[cert("a.corp.test"), cert("b.corp.test")]).unwrap();
+        let (ber, used) = der_to_ber(&pkcs7);
+        assert_eq!(used, pkcs7.len());
+        assert_ne!(ber, pkcs7);
+        assert_eq!(ber_to_der(&ber).unwrap(), pkcs7);
+        assert_eq!(
+            ber_to_der(&pkcs7).unwrap(),
+            pkcs7,
+            "DER goes through unchanged"
+        );
+        assert_eq!(parse_ca_certs(&ber).unwrap().len(), 2);
+        // Cut anywhere, it is refused.
+        for cut in [1, 2, 10, ber.len() / 2, ber.len() - 1] {
+            assert!(ber_to_der(&ber[..cut]).is_err(), "cut at {cut}");
+        }
+        // Nesting past the limit is refused without recursing without bound.
+        let deep: Vec<u8> = std::iter::repeat([0x30u8, 0x80])
+            .take(10_000)
+            .flatten()
+            .collect();
+        assert!(ber_to_der(&deep).is_err());
     }
 
     #[test]
