@@ -188,6 +188,11 @@ async fn a_real_pkcsreq_sent_as_get_enrols_through_the_gateway() {
     let chain = Chain::start().await;
     let pkcsreq = record_pkcsreq(&chain, "get-device").await;
     assert!(pkcsreq.len() > 1000, "a PKCSReq is a few KB of DER");
+    let request = ndes_gateway::scep::parse_pki_message(&pkcsreq).unwrap();
+    assert_eq!(request.message_type, Some(19), "PKCSReq");
+    assert_eq!(request.sender_nonce.as_ref().map(Vec::len), Some(16));
+    let transaction_id = request.transaction_id.clone().unwrap();
+    assert!(!transaction_id.is_empty());
     let message = percent_encode(&base64::engine::general_purpose::STANDARD.encode(&pkcsreq));
     let target = format!("{SCEP}?operation=PKIOperation&message={message}");
     let r = raw_request(
