@@ -310,7 +310,15 @@ async fn readiness_follows_ndes_going_down_and_coming_back() {
     up.store(true, Ordering::SeqCst);
     wait_ready(&gw, "HTTP/1.1 200 OK").await;
     // The probe asks for GetCACaps, as a client would, with the NDES Host.
-    let probe = upstream.probes.lock().unwrap().last().cloned().unwrap();
+    let probe = upstream
+        .probes
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|p| p.target.contains("GetCACaps"))
+        .cloned()
+        .unwrap();
     assert!(
         probe
             .target

@@ -28,11 +28,19 @@ pub struct Readiness {
     why_not: Mutex<String>,
     /// An expired RA certificate (with `scep.expired_ra = "fail"`).
     ra_problem: Mutex<Option<String>>,
+    /// The gateway is stopping: load balancers must send no more.
+    draining: AtomicBool,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.upstream_ok.load(Ordering::Relaxed) && self.ra_problem().is_none()
+        self.upstream_ok.load(Ordering::Relaxed)
+            && self.ra_problem().is_none()
+            && !self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     fn upstream_ok(&self) -> bool {
@@ -57,6 +65,9 @@ impl Readiness {
     }
 
     fn why_not(&self) -> String {
+        if self.draining.load(Ordering::Relaxed) {
+            return "stopping: finishing the requests in flight".to_owned();
+        }
         if let Some(p) = self.ra_problem() {
             return p;
         }

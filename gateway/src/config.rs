@@ -34,6 +34,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// A SCEP client sends one request at a time; a few streams leave room for retries and keep what
 /// one connection can make the gateway hold small.
+/// A PKIOperation can wait tens of seconds on Intune and the CA: long enough for those to finish,
+/// short enough for a rolling update (Kubernetes' default grace period is 30 s).
+/// A Kubernetes Secret update reaches the pod within a minute or so; a few seconds more is fine.
+pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+/// A device needs one connection; a whole office behind one NAT address rarely holds hundreds at
+/// once, a client holding thousands is an attack.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 512;
 pub const MAX_CONCURRENT_STREAMS: u32 = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// NDES waits on Intune's challenge validation and on the CA before it answers a PKIOperation;
@@ -184,6 +192,19 @@ pub struct ListenConfig {
     /// CIDRs of proxies whose X-Forwarded-For is believed (an ingress next to the gateway).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// On SIGTERM, how long requests in flight may take to finish before the process exits.
+    #[serde(default = "default_drain_timeout", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// How often the certificate, key and CA files are looked at for a change (SIGHUP reloads at
+    /// once).
+    #[serde(
+        default = "default_reload_check_interval",
+        deserialize_with = "duration"
+    )]
+    pub reload_check_interval: Duration,
+    /// Connections one client address may hold open at once; 0 turns the cap off.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +299,15 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     MAX_CONNECTIONS
+}
+fn default_reload_check_interval() -> Duration {
+    RELOAD_CHECK_INTERVAL
+}
+fn default_drain_timeout() -> Duration {
+    DRAIN_TIMEOUT
+}
+fn default_max_connections_per_client() -> usize {
+    MAX_CONNECTIONS_PER_CLIENT
 }
 fn default_true() -> bool {
     true
@@ -415,6 +445,10 @@ impl Config {
             ("limits.body_timeout", l.body_timeout),
             ("listen.handshake_timeout", self.listen.handshake_timeout),
             ("listen.idle_timeout", self.listen.idle_timeout),
+            (
+                "listen.reload_check_interval",
+                self.listen.reload_check_interval,
+            ),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
         ] {

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod scep;
 pub mod tls;
 pub mod upstream;
@@ -46,6 +47,7 @@ use crate::upstream::{Upstream, UpstreamTarget};
 /// Everything loaded from a config, checked, but not yet listening.
 pub struct Prepared {
     pub config: Config,
+    pub certificate: Arc<tls::ListenerCertificate>,
     pub tls: Arc<rustls::ServerConfig>,
     pub target: UpstreamTarget,
 }
@@ -53,10 +55,12 @@ pub struct Prepared {
 /// Loads and checks the certificates and the upstream settings; what `check` runs.
 pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
     let key = tls::load_certified_key(&config.listen.cert, &config.listen.key)?;
-    let tls = tls::server_config(key, config.listen.http2)?;
+    let certificate = tls::ListenerCertificate::new(key);
+    let tls = tls::server_config(certificate.clone(), config.listen.http2)?;
     let target = UpstreamTarget::from_config(&config.upstream)?;
     Ok(Prepared {
         config: config.clone(),
+        certificate,
         tls,
         target,
     })
@@ -138,7 +142,7 @@ impl Gateway {
             };
             tasks.spawn(watch.run(rx.clone()));
             tasks.spawn(admin::probe_loop(
-                upstream,
+                upstream.clone(),
                 readiness.clone(),
                 metrics.clone(),
                 config.admin.probe_interval,
@@ -146,6 +150,18 @@ impl Gateway {
                 rx.clone(),
             ));
         }
+        tasks.spawn(
+            reload::Reloader {
+                certificate: prepared.certificate.clone(),
+                cert: config.listen.cert.clone(),
+                key: config.listen.key.clone(),
+                ca: config.upstream.ca.clone(),
+                upstream: upstream.clone(),
+                metrics: metrics.clone(),
+                check_interval: config.listen.reload_check_interval,
+            }
+            .run(rx.clone()),
+        );
         if !rate_limits.is_off() {
             let mut stop = rx.clone();
             tasks.spawn(async move {
@@ -195,8 +211,10 @@ impl Gateway {
         self.admin_addr
     }
 
-    /// Stops accepting, lets open connections finish their requests, then returns.
+    /// Turns readiness off, stops accepting, lets requests in flight finish (up to
+    /// `listen.drain_timeout`), closes idle connections, then returns.
     pub async fn shutdown(self) {
+        self.readiness.set_draining();
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
     }

@@ -1,12 +1,13 @@
 //! The public listener: accept under a connection cap, TLS handshake under a timeout, then HTTP/2
 //! or HTTP/1.1 by ALPN with every hyper limit set explicitly, and an idle timeout.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,9 +25,8 @@ use crate::config::Config;
 use crate::metrics::{Metrics, REASON_HEADER_TIMEOUT, REASON_MALFORMED};
 use crate::proxy::Proxy;
 
-/// How long a connection told to close (idle, or the gateway stopping) may take to finish what it
-/// has in flight before it is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How long an idle connection told to close may take to go before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Room in hyper's HTTP/1.1 read buffer beyond the request-target and header limits: the method,
 /// the version, line ends. A head larger than the buffer gets hyper's own 431.
 const HEAD_SLACK_BYTES: usize = 8 * 1024;
@@ -38,6 +38,9 @@ pub struct ListenerSettings {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub proxy_protocol: bool,
+    /// How long requests in flight may take to finish once the gateway is stopping.
+    pub drain_timeout: Duration,
+    per_client: Option<PerClientSlots>,
     http1: auto::Builder<TokioExecutor>,
     http2: Option<auto::Builder<TokioExecutor>>,
 }
@@ -79,6 +82,11 @@ impl ListenerSettings {
             idle_timeout: c.listen.idle_timeout,
             max_connections: c.listen.max_connections,
             proxy_protocol: c.listen.proxy_protocol,
+            drain_timeout: c.listen.drain_timeout,
+            per_client: (c.listen.max_connections_per_client > 0).then(|| PerClientSlots {
+                max: c.listen.max_connections_per_client,
+                open: Mutex::new(HashMap::new()),
+            }),
             http1,
             http2,
         }
@@ -136,7 +144,12 @@ pub async fn run(
     drop(listener);
     // Every open connection holds a slot: getting them all back means all have finished.
     let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(CLOSE_GRACE, slots.acquire_many(all)).await;
+    // The connections' own deadlines are the drain timeout; a little more here lets them log.
+    let _ = tokio::time::timeout(
+        settings.drain_timeout + Duration::from_secs(1),
+        slots.acquire_many(all),
+    )
+    .await;
 }
 
 async fn serve_connection(
@@ -178,6 +191,24 @@ async fn serve_connection(
     } else {
         (peer, Vec::new())
     };
+    // Counted per real client: behind a load balancer that is the PROXY header's source; a
+    // trusted proxy speaks for many clients and is not capped.
+    let _client_slot = match &settings.per_client {
+        Some(slots) if !proxy.trusted_proxies.contains(client.ip()) => {
+            match slots.take(client.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    metrics
+                        .connections_refused_total
+                        .with_label_values(&["max_connections_per_client"])
+                        .inc();
+                    tracing::info!(target: "ndes_gateway::listener", client = %client.ip(), limit = slots.max, "connection refused: listen.max_connections_per_client reached");
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
     let stream = Prefixed::new(prefix, tcp);
     let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await
     {
@@ -212,10 +243,11 @@ async fn serve_connection(
     });
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    let mut closing_since: Option<Instant> = None;
+    // When a connection told to close is dropped, whatever it still has in flight.
+    let mut closing_deadline: Option<Instant> = None;
     loop {
-        let wake = match closing_since {
-            Some(since) => since + CLOSE_GRACE,
+        let wake = match closing_deadline {
+            Some(deadline) => deadline,
             None => activity.next_idle_check(settings.idle_timeout),
         };
         tokio::select! {
@@ -225,19 +257,20 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = shutdown.changed(), if closing_since.is_none() => {
+            _ = shutdown.changed(), if closing_deadline.is_none() => {
+                // HTTP/1.1: close after the response in flight; HTTP/2: GOAWAY, streams finish.
                 conn.as_mut().graceful_shutdown();
-                closing_since = Some(Instant::now());
+                closing_deadline = Some(Instant::now() + settings.drain_timeout);
             }
             _ = tokio::time::sleep_until(wake) => {
-                if closing_since.is_some() {
+                if closing_deadline.is_some() {
                     tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "connection dropped after the close grace period");
                     return;
                 }
                 if activity.is_idle(settings.idle_timeout) {
                     tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "idle connection closed (listen.idle_timeout)");
                     conn.as_mut().graceful_shutdown();
-                    closing_since = Some(Instant::now());
+                    closing_deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
                 }
             }
         }
@@ -252,6 +285,44 @@ fn refuse_proxy_header(metrics: &Metrics, peer: SocketAddr, why: &str) {
         .with_label_values(&["proxy_protocol"])
         .inc();
     tracing::info!(target: "ndes_gateway::listener", peer = %peer.ip(), reason = why, "connection refused: listen.proxy_protocol requires a valid PROXY header");
+}
+
+/// Open connections per client address.
+struct PerClientSlots {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerClientSlots {
+    fn take(&self, ip: IpAddr) -> Option<ClientSlot<'_>> {
+        // A poisoned lock only means a panic elsewhere mid-update; the counts are still usable.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { slots: self, ip })
+    }
+}
+
+/// One client connection's place in the per-client count, given back on drop.
+struct ClientSlot<'a> {
+    slots: &'a PerClientSlots,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                // Forgotten at once: the map holds only addresses with connections open.
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Keeps `connections_active` right however the connection's task ends.

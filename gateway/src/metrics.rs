@@ -42,6 +42,7 @@ pub struct Metrics {
     pub scep_messages_total: IntCounterVec,
     pub scep_parse_errors_total: IntCounterVec,
     pub certificate_expiry_timestamp_seconds: IntGaugeVec,
+    pub reloads_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -135,6 +136,13 @@ impl Metrics {
             ),
             &["role", "subject"],
         )?;
+        let reloads_total = IntCounterVec::new(
+            Opts::new(
+                "reloads_total",
+                "Certificate reloads, by what was reloaded and the result.",
+            ),
+            &["target", "result"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "The running version."),
             &["version"],
@@ -158,6 +166,12 @@ impl Metrics {
         registry.register(Box::new(scep_messages_total.clone()))?;
         registry.register(Box::new(scep_parse_errors_total.clone()))?;
         registry.register(Box::new(certificate_expiry_timestamp_seconds.clone()))?;
+        registry.register(Box::new(reloads_total.clone()))?;
+        for target in ["listener", "upstream_trust"] {
+            for result in ["ok", "error"] {
+                reloads_total.with_label_values(&[target, result]);
+            }
+        }
         for direction in ["request", "response"] {
             scep_parse_errors_total.with_label_values(&[direction]);
         }
@@ -173,7 +187,11 @@ impl Metrics {
         for kind in UpstreamErrorKind::ALL {
             upstream_errors_total.with_label_values(&[kind.label()]);
         }
-        for reason in ["max_connections", "proxy_protocol"] {
+        for reason in [
+            "max_connections",
+            "max_connections_per_client",
+            "proxy_protocol",
+        ] {
             connections_refused_total.with_label_values(&[reason]);
         }
         Ok(Metrics {
@@ -192,6 +210,7 @@ impl Metrics {
             scep_messages_total,
             scep_parse_errors_total,
             certificate_expiry_timestamp_seconds,
+            reloads_total,
         })
     }
 

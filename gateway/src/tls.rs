@@ -70,25 +70,45 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
 }
 
 /// Hands out the one certificate whatever the SNI: devices may use the public name, an alias, or
-/// an address, and a name mismatch is theirs to report, not a reason for us to abort.
+/// an address, and a name mismatch is theirs to report, not a reason for us to abort. Replaced
+/// on reload; handshakes under way keep the one they started with.
 #[derive(Debug)]
-struct SingleCertificate(Arc<CertifiedKey>);
+pub struct ListenerCertificate(std::sync::RwLock<Arc<CertifiedKey>>);
 
-impl ResolvesServerCert for SingleCertificate {
+impl ListenerCertificate {
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<ListenerCertificate> {
+        Arc::new(ListenerCertificate(std::sync::RwLock::new(key)))
+    }
+
+    /// Loads the pair again; one that does not load or does not match is refused, the
+    /// certificate in force kept.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), ConfigError> {
+        let fresh = load_certified_key(cert, key)?;
+        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ResolvesServerCert for ListenerCertificate {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.current())
     }
 }
 
 pub fn server_config(
-    key: Arc<CertifiedKey>,
+    key: Arc<ListenerCertificate>,
     http2: bool,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| ConfigError(format!("TLS: {e}")))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SingleCertificate(key)));
+        .with_cert_resolver(key);
     config.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

@@ -549,7 +549,10 @@ pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
 /// The pool and its settings; one per gateway.
 pub struct Upstream {
     pub target: UpstreamTarget,
-    client: UpstreamClient,
+    /// Replaced whole when the trust settings are reloaded, so no pooled connection made under
+    /// the old CA or pins is used again; requests already sent finish on the old one.
+    client: std::sync::RwLock<UpstreamClient>,
+    config: UpstreamConfig,
     response_timeout: Duration,
     /// Requests to NDES at once: bounds the connections opened to it and the bodies held
     /// meanwhile, whatever the number of clients and HTTP/2 streams.
@@ -560,12 +563,25 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(target: UpstreamTarget, c: &UpstreamConfig) -> Upstream {
+        let client = Self::client(&target, c);
+        Upstream {
+            target,
+            client: std::sync::RwLock::new(client),
+            config: c.clone(),
+            response_timeout: c.response_timeout,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
+            max_in_flight: c.max_in_flight,
+            queue_timeout: c.connect_timeout,
+        }
+    }
+
+    fn client(target: &UpstreamTarget, c: &UpstreamConfig) -> UpstreamClient {
         let connector = UpstreamConnector {
             tls: target.tls.clone().map(TlsConnector::from),
             server_name: target.server_name.clone(),
             connect_timeout: c.connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
+        Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(c.pool_idle_timeout)
@@ -574,15 +590,24 @@ impl Upstream {
             // hit "DN already exists". Stale pooled connections are avoided by the idle timeout.
             .retry_canceled_requests(false)
             .set_host(false)
-            .build(connector);
-        Upstream {
-            target,
-            client,
-            response_timeout: c.response_timeout,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
-            max_in_flight: c.max_in_flight,
-            queue_timeout: c.connect_timeout,
-        }
+            .build(connector)
+    }
+
+    /// Reads `upstream.ca` and the pins again (the URL and name stay): a CA file that does not
+    /// load is refused and the trust in force kept.
+    pub fn reload_trust(&self) -> Result<(), ConfigError> {
+        let Some(_) = &self.target.tls else {
+            return Ok(());
+        };
+        let tls = client_config(&self.config, self.target.seen_leaf.clone())?;
+        let target = UpstreamTarget {
+            tls: Some(tls),
+            ..self.target.clone()
+        };
+        let client = Self::client(&target, &self.config);
+        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        Ok(())
     }
 
     /// GetCACaps, as the readiness probe asks it: the status NDES answered with.
@@ -658,7 +683,12 @@ impl Upstream {
                 })
             }
         };
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        let client = self
+            .client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
             Err(_) => Err(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
                 message: format!(

@@ -44,7 +44,8 @@ type Responder = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
-    /// The gateway's readiness probes, kept apart from what clients sent.
+    /// The gateway's own requests (readiness probe, certificate watch), kept apart from what
+    /// clients sent.
     pub probes: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -122,7 +123,7 @@ impl Upstream {
                                 body,
                             };
                             let resp = respond(&s);
-                            if s.target.contains("message=ndes-gateway-probe") {
+                            if s.target.contains("message=ndes-gateway") {
                                 probes.lock().unwrap().push(s);
                             } else {
                                 seen.lock().unwrap().push(s);
