@@ -44,6 +44,8 @@ type Responder = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Requests that reached the upstream, counted as they arrive (before any delay).
+    pub arrived: Arc<std::sync::atomic::AtomicUsize>,
     /// The gateway's own requests (readiness probe, certificate watch), kept apart from what
     /// clients sent.
     pub probes: Arc<Mutex<Vec<Seen>>>,
@@ -80,6 +82,8 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let probes = Arc::new(Mutex::new(Vec::new()));
         let probes2 = probes.clone();
+        let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let arrived2 = arrived.clone();
         let acceptor = tls.map(|(cert, key)| {
             let chain: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(cert.as_bytes())
@@ -102,14 +106,21 @@ impl Upstream {
                 };
                 let seen = seen2.clone();
                 let probes = probes2.clone();
+                let arrived = arrived2.clone();
                 let respond = respond.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
                         let probes = probes.clone();
+                        let arrived = arrived.clone();
                         let respond = respond.clone();
                         async move {
+                            arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            // `delay_ms=N` in the query: an NDES that takes its time (Intune's
+                            // challenge check, a slow CA).
+                            let delay = parts_delay(req.uri().query().unwrap_or(""));
+                            tokio::time::sleep(delay).await;
                             let (parts, body) = req.into_parts();
                             let body = body
                                 .collect()
@@ -149,6 +160,7 @@ impl Upstream {
         Upstream {
             addr,
             seen,
+            arrived,
             probes,
             task,
         }
@@ -166,6 +178,15 @@ impl Upstream {
             .cloned()
             .expect("the upstream saw no request")
     }
+}
+
+fn parts_delay(query: &str) -> std::time::Duration {
+    let ms = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("delay_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    std::time::Duration::from_millis(ms)
 }
 
 /// A dev PKI in a temporary folder, plus the PEM of the NDES certificate and key.
