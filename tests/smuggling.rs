@@ -57,18 +57,29 @@ async fn ambiguous_framing_is_refused_and_nothing_reaches_ndes() {
         assert_eq!(s.upstream.count(), 0, "{name}: forwarded");
     }
     // And the gateway still serves.
-    assert_eq!(s.get(&format!("{SCEP}?operation=GetCACaps")).await.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(
+        s.get(&format!("{SCEP}?operation=GetCACaps"))
+            .await
+            .status_line,
+        "HTTP/1.1 200 OK"
+    );
 }
 
 #[tokio::test]
 async fn what_is_forwarded_is_framed_one_way_only() {
     let s = Setup::new().await;
     // A body that looks like a request is a body: one POST upstream, its bytes intact.
-    let req = format!("{POST}Content-Length: {}\r\nConnection: close\r\n\r\n{HIDDEN}", HIDDEN.len());
+    let req = format!(
+        "{POST}Content-Length: {}\r\nConnection: close\r\n\r\n{HIDDEN}",
+        HIDDEN.len()
+    );
     assert_eq!(s.raw(req.as_bytes()).await.status_line, "HTTP/1.1 200 OK");
     assert_eq!(s.upstream.count(), 1);
     let seen = s.upstream.last();
-    assert_eq!((seen.method.as_str(), &seen.body[..]), ("POST", HIDDEN.as_bytes()));
+    assert_eq!(
+        (seen.method.as_str(), &seen.body[..]),
+        ("POST", HIDDEN.as_bytes())
+    );
 
     // Bare LF line endings are read as HTTP/1.1 allows, and go upstream as one clean request.
     let lf = "POST /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.1\nHost: x\nContent-Length: 4\nConnection: close\n\nabcd";
@@ -79,13 +90,28 @@ async fn what_is_forwarded_is_framed_one_way_only() {
     // A pipelined second request is judged on its own: the admin path is never forwarded.
     let pipelined = format!("{GET}Content-Length: 0\r\n\r\nGET /certsrv/mscep_admin/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     let mut tls = tls_connect(s.addr(), s.pki.root()).await;
-    tokio::io::AsyncWriteExt::write_all(&mut tls, pipelined.as_bytes()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tls, pipelined.as_bytes())
+        .await
+        .unwrap();
     let mut both = Vec::new();
     let read = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut both);
     let _ = tokio::time::timeout(IO_TIMEOUT, read).await;
     let both = String::from_utf8_lossy(&both);
-    let statuses: Vec<&str> = both.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
-    assert_eq!(statuses, ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"], "{both}");
+    let statuses: Vec<&str> = both
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1 "))
+        .collect();
+    assert_eq!(
+        statuses,
+        ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"],
+        "{both}"
+    );
     assert_eq!(s.upstream.count(), 3);
-    assert!(s.upstream.seen.lock().unwrap().iter().all(|r| !r.target.contains("mscep_admin")));
+    assert!(s
+        .upstream
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| !r.target.contains("mscep_admin")));
 }

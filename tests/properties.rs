@@ -1,0 +1,101 @@
+//! Property tests: the filter's decisions at and around every limit, and the parsers that read
+//! what peers send (SCEP messages, PROXY headers, query strings, the config) never panic on any
+//! input. A bounded-time stand-in for coverage-guided fuzzing that runs in every test run.
+
+use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+use ndes_gateway::config::{Config, LimitsConfig};
+use ndes_gateway::filter::RequestLimits;
+use proptest::prelude::*;
+
+fn limits(max_uri: usize, max_query: usize, max_header: usize) -> RequestLimits {
+    RequestLimits::from(&LimitsConfig {
+        max_uri_bytes: max_uri,
+        max_query_bytes: max_query,
+        max_header_bytes: max_header,
+        ..LimitsConfig::default()
+    })
+}
+
+const BASE: &str = "/certsrv/mscep/mscep.dll?operation=GetCACaps&message=";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// 414 exactly when the request-target passes the limit, whatever the limit.
+    #[test]
+    fn uri_limit_is_exact(limit in 100usize..65_534, delta in -2i64..=2) {
+        let len = (limit as i64 + delta) as usize;
+        let target = format!("{BASE}{}", "A".repeat(len - BASE.len()));
+        let uri: Uri = target.parse().unwrap();
+        let r = limits(limit, 65_534, 16_384).check(&Method::GET, &uri, Version::HTTP_11, &HeaderMap::new());
+        prop_assert_eq!(r.is_err(), len > limit);
+        if let Err(rej) = r {
+            prop_assert_eq!(rej.status.as_u16(), 414);
+        }
+    }
+
+    /// 431 exactly when the header section passes the limit.
+    #[test]
+    fn header_limit_is_exact(limit in 256usize..20_000, delta in -2i64..=2) {
+        let size = (limit as i64 + delta) as usize;
+        let mut h = HeaderMap::new();
+        // "x-fill: " + value + "\r\n"
+        let value = "v".repeat(size - "x-fill: \r\n".len());
+        h.insert("x-fill", HeaderValue::from_str(&value).unwrap());
+        let uri: Uri = format!("{BASE}x").parse().unwrap();
+        let r = limits(65_534, 65_534, limit).check(&Method::GET, &uri, Version::HTTP_11, &h);
+        prop_assert_eq!(r.is_err(), size > limit);
+        if let Err(rej) = r {
+            prop_assert_eq!(rej.status.as_u16(), 431);
+        }
+    }
+
+    /// Any query: a decision, never a panic; a pass names a known operation.
+    #[test]
+    fn any_query_gets_a_decision(query in "[a-zA-Z0-9%&=+/._~-]{0,200}", post in any::<bool>()) {
+        if let Ok(uri) = format!("/certsrv/mscep/mscep.dll?{query}").parse::<Uri>() {
+            let method = if post { Method::POST } else { Method::GET };
+            let r = RequestLimits::from(&LimitsConfig::default()).check(&method, &uri, Version::HTTP_2, &HeaderMap::new());
+            if let Ok(scep) = r {
+                prop_assert!(scep.operation.is_some() || query.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn scep_parsers_take_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = ndes_gateway::scep::parse_pki_message(&bytes);
+        let _ = ndes_gateway::scep::parse_ca_certs(&bytes);
+        let _ = ndes_gateway::scep::ber_to_der(&bytes);
+    }
+
+    /// Bytes that start like a CMS SEQUENCE go deeper into the parsers.
+    #[test]
+    fn scep_parsers_take_any_sequence(tail in prop::collection::vec(any::<u8>(), 0..2048), indefinite in any::<bool>()) {
+        let mut bytes = if indefinite { vec![0x30, 0x80] } else { vec![0x30, 0x82, (tail.len() >> 8) as u8, tail.len() as u8] };
+        bytes.extend_from_slice(&tail);
+        let _ = ndes_gateway::scep::parse_pki_message(&bytes);
+        let _ = ndes_gateway::scep::ber_to_der(&bytes);
+    }
+
+    #[test]
+    fn get_messages_take_any_text(message in ".{0,512}") {
+        let _ = ndes_gateway::scep::decode_get_message(&format!("operation=PKIOperation&message={message}"));
+    }
+
+    #[test]
+    fn proxy_headers_take_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..600), v1 in any::<bool>()) {
+        let mut input = if v1 { b"PROXY ".to_vec() } else { b"\r\n\r\n\x00\r\nQUIT\n".to_vec() };
+        input.extend_from_slice(&bytes);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let _ = rt.block_on(ndes_gateway::client_addr::read_proxy_header(&mut input.as_slice(), peer));
+    }
+
+    #[test]
+    fn the_config_loader_takes_any_text(text in ".{0,400}") {
+        let _ = Config::parse(&text);
+        let with_sections = format!("[listen]\naddr = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n[upstream]\nurl = \"https://x/y\"\n{text}");
+        let _ = Config::parse(&with_sections);
+    }
+}
