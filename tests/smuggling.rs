@@ -39,8 +39,8 @@ fn refused_forms() -> Vec<(&'static str, String)> {
         ("GET with TE", format!("{GET}Transfer-Encoding: chunked\r\n\r\n{chunked_body}")),
         ("GET with a body", format!("{GET}Content-Length: {}\r\n\r\n{HIDDEN}", HIDDEN.len())),
         ("HTTP/1.0 with TE", format!("POST /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunked_body}")),
-        ("double space in request line", format!("POST  /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcd")),
-        ("bare CR", format!("POST /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.1\rHost: x\r\nContent-Length: 4\r\n\r\nabcd")),
+        ("double space in request line", "POST  /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nabcd".to_owned()),
+        ("bare CR", "POST /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.1\rHost: x\r\nContent-Length: 4\r\n\r\nabcd".to_owned()),
     ]
 }
 
