@@ -311,3 +311,40 @@ fn certs_pin_connect_reads_a_live_server() {
         String::from_utf8_lossy(&file.stdout).lines().next()
     );
 }
+
+#[test]
+fn doctor_says_what_fails_as_json_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(dir.path()).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\nconnect_timeout = \"2s\"\n",
+        pki.gateway_cert.display().to_string(),
+        pki.gateway_key.display().to_string(),
+        pki.root.display().to_string(),
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = gateway(&["doctor", "--config", path.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    let findings = report["findings"].as_array().unwrap();
+    let verdict = |check: &str| {
+        findings
+            .iter()
+            .find(|f| f["check"] == check)
+            .map(|f| f["verdict"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(verdict("listener_key").as_deref(), Some("pass"));
+    assert_eq!(verdict("listener_name").as_deref(), Some("pass"));
+    assert_eq!(verdict("upstream_tls").as_deref(), Some("fail"));
+    let tls = findings
+        .iter()
+        .find(|f| f["check"] == "upstream_tls")
+        .unwrap();
+    assert!(tls["fix"].as_str().unwrap().contains("firewall"), "{tls}");
+}

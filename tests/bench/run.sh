@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on loopback: the gateway, nginx and HAProxy publishing the same NDES
+# stand-in (nginx with TLS: a static answer at /bench/mscep.dll, micromdm scepserver behind
+# /certsrv/mscep/mscep.dll), and the stand-in itself ("direct", the limit no proxy can beat).
+#
+#   bash tests/bench/run.sh
+#
+# Writes results.md (printed at the end) and results.json to the run folder, and the raw output of
+# every run to its runs/ folder. Environment:
+#   BENCH_DIR             run folder (default: a new folder under /tmp)
+#   BENCH_QUICK=1         smoke run: 1 round, 2 s runs, 500 idle connections, 8 enrolments
+#   BENCH_ROUNDS (3), BENCH_DURATION (5 s), BENCH_CONNECTIONS (32), BENCH_THREADS (1),
+#   BENCH_IDLE (10000), BENCH_ENROL (40), BENCH_ENROL_PARALLEL (4)
+#   BENCH_WORKLOADS       a subset of: getcacaps long_get post new_tls h2 idle enrol
+#   BENCH_GATEWAY_LOG     the gateway's log filter (default: no per-request lines, as the peers
+#                         run with access_log off; see gateway.toml.in)
+#   CARGO_TARGET_DIR      where cargo builds (default: <repo>/target)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+export PATH="$PATH:/usr/sbin:/sbin"
+. "$repo/scripts/lib.sh"
+need_rust
+need_packages nginx-light:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:wrk nghttp2-client:h2load \
+  scep:scepserver scep:scepclient openssl:openssl python3:python3
+
+if [[ ${BENCH_QUICK:-0} == 1 ]]; then
+  ROUNDS=${BENCH_ROUNDS:-1} DURATION=${BENCH_DURATION:-2} IDLE=${BENCH_IDLE:-500} ENROL=${BENCH_ENROL:-8}
+else
+  ROUNDS=${BENCH_ROUNDS:-3} DURATION=${BENCH_DURATION:-5} IDLE=${BENCH_IDLE:-10000} ENROL=${BENCH_ENROL:-40}
+fi
+CONNS=${BENCH_CONNECTIONS:-32} THREADS=${BENCH_THREADS:-1} ENROL_PARALLEL=${BENCH_ENROL_PARALLEL:-4}
+WORKLOADS=${BENCH_WORKLOADS:-getcacaps long_get post new_tls h2 idle enrol}
+GATEWAY_LOG=${BENCH_GATEWAY_LOG:-info,ndes_gateway::access=off,ndes_gateway::scep=warn,rustls=error}
+LONG_TARGET_BYTES=63488   # 62 KiB, under the 65534 that IIS, the gateway and the peers are set to
+POST_BODY_BYTES=3800
+TARGETS=(gateway nginx haproxy direct)
+PROXIES=(gateway nginx haproxy)
+bench() { python3 "$here/bench.py" "$@"; }
+started=$(date +%s) load_start=$(cut -d" " -f1-3 /proc/loadavg)
+
+# Every connection is a descriptor in the proxy and another in the load generator.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+nofile=$(ulimit -n)
+if ((nofile < IDLE + 1000)); then
+  echo "open-file limit $nofile is too low for $IDLE idle connections; lower BENCH_IDLE or raise the hard limit" >&2
+  exit 1
+fi
+maxconn=$((IDLE + 2000))
+
+dir=${BENCH_DIR:-$(mktemp -d /tmp/ndes-bench.XXXXXX)}
+mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
+runs=$dir/runs
+rm -rf "$runs" "$dir/enrol" && mkdir -p "$runs"
+echo "run folder: $dir"
+
+# ---- stop everything started here, whatever happens --------------------------------------------
+pids=() load_pid= sampler_pid=
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for p in $load_pid $sampler_pid; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.3
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  ((rc == 0)) || echo "benchmark stopped (exit $rc); logs in $dir" >&2
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- build ------------------------------------------------------------------------------------
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+[[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+(cd "$repo" && cargo build --release -p ndes-gateway)
+gateway_bin=$target_dir/release/ndes-gateway
+
+# ---- PKI (as /work/shared/anchors/peers.sh makes it) -------------------------------------------
+cd "$dir"
+if [[ ! -f root.pem ]]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout root.key -out root.pem \
+    -days 30 -subj "/CN=Test Root CA" 2>/dev/null
+  for n in ndes gw; do
+    if [[ $n == ndes ]]; then san="DNS:ndes.corp.test,IP:127.0.0.1"; else san="DNS:scep.example.test,DNS:localhost,IP:127.0.0.1"; fi
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj "/CN=$n" 2>/dev/null
+    openssl x509 -req -in $n.csr -CA root.pem -CAkey root.key -CAcreateserial -out $n.pem -days 30 \
+      -extfile <(printf "subjectAltName=$san\nextendedKeyUsage=serverAuth\n") 2>/dev/null
+  done
+  cat gw.pem gw.key > gw-combined.pem
+fi
+[[ -d depot ]] || scepserver ca -init -depot depot >/dev/null 2>&1
+
+# ---- configs ----------------------------------------------------------------------------------
+read -r SCEP_PORT UPSTREAM_PORT NGINX_PORT HAPROXY_PORT GW_PORT GW_ADMIN GWE_PORT GWE_ADMIN < <(bench ports 8)
+render() { # template output [extra sed expressions]
+  local in=$1 out=$2; shift 2
+  sed -e "s|@DIR@|$dir|g; s|@SCEP_PORT@|$SCEP_PORT|g; s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
+    -e "s|@NGINX_PORT@|$NGINX_PORT|g; s|@HAPROXY_PORT@|$HAPROXY_PORT|g; s|@MAXCONN@|$maxconn|g" \
+    -e "s|@WORKER_CONNECTIONS@|$maxconn|g; s|@NOFILE@|$nofile|g; s|@LOG_LEVEL@|$GATEWAY_LOG|g" \
+    "$@" "$here/$in" > "$dir/$out"
+}
+render upstream-nginx.conf.in upstream-nginx.conf
+render peer-nginx.conf.in peer-nginx.conf
+render peer-haproxy.cfg.in peer-haproxy.cfg
+render gateway.toml.in gateway.toml -e "s|@LISTEN_PORT@|$GW_PORT|; s|@ADMIN_PORT@|$GW_ADMIN|; s|@UPSTREAM_PATH@|/bench/mscep.dll|"
+render gateway.toml.in gateway-enrol.toml -e "s|@LISTEN_PORT@|$GWE_PORT|; s|@ADMIN_PORT@|$GWE_ADMIN|; s|@UPSTREAM_PATH@|/certsrv/mscep/mscep.dll|"
+"$gateway_bin" check --config gateway.toml > gateway-check.txt
+"$gateway_bin" check --config gateway-enrol.toml > gateway-enrol-check.txt
+
+# ---- start ------------------------------------------------------------------------------------
+start() { # name command...
+  local name=$1; shift
+  "$@" > "$dir/$name.log" 2>&1 &
+  pids+=($!)
+  printf -v "pid_${name//-/_}" %s "$!"
+}
+wait_port() { # name port
+  local name=$1 port=$2 pidvar="pid_${1//-/_}"
+  for _ in $(seq 100); do
+    if ! kill -0 "${!pidvar}" 2>/dev/null; then
+      echo "$name exited at start:" >&2; tail -20 "$dir/$name.log" "$dir"/*error.log >&2 2>/dev/null; exit 1
+    fi
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$name does not listen on $port" >&2; exit 1
+}
+start scepserver scepserver -depot "$dir/depot" -port "$SCEP_PORT" -challenge secret
+start upstream nginx -p "$dir" -e "$dir/upstream-error.log" -c "$dir/upstream-nginx.conf" -g 'daemon off;'
+start nginx nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/peer-nginx.conf" -g 'daemon off;'
+start haproxy haproxy -db -f "$dir/peer-haproxy.cfg"
+start gateway "$gateway_bin" serve --config "$dir/gateway.toml"
+start gateway-enrol "$gateway_bin" serve --config "$dir/gateway-enrol.toml"
+wait_port scepserver "$SCEP_PORT"; wait_port upstream "$UPSTREAM_PORT"; wait_port nginx "$NGINX_PORT"
+wait_port haproxy "$HAPROXY_PORT"
+# /healthz rather than a probe of the TLS port, which the gateway would count as a failed handshake.
+bench wait-ready "http://127.0.0.1:$GW_ADMIN/healthz" 30
+bench wait-ready "http://127.0.0.1:$GWE_ADMIN/healthz" 30
+
+# Memory is read from the processes that hold the connections: nginx's workers, not its master.
+sleep 0.3
+declare -A mem_pids url enrol_url port
+mem_pids[gateway]=$pid_gateway
+mem_pids[nginx]=$(pgrep -P "$pid_nginx" | paste -sd,)
+mem_pids[haproxy]=$pid_haproxy
+mem_pids[direct]=$(pgrep -P "$pid_upstream" | paste -sd,)
+mem_pids[gateway-enrol]=$pid_gateway_enrol
+port=([gateway]=$GW_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [direct]=$UPSTREAM_PORT)
+# The gateway publishes the SCEP path and maps it onto /bench/mscep.dll; the peers pass paths
+# through, so they are asked for /bench/mscep.dll itself.
+for t in "${TARGETS[@]}"; do
+  if [[ $t == gateway ]]; then url[$t]=https://127.0.0.1:${port[$t]}/certsrv/mscep/mscep.dll
+  else url[$t]=https://127.0.0.1:${port[$t]}/bench/mscep.dll; fi
+  enrol_url[$t]=https://127.0.0.1:${port[$t]}/certsrv/mscep/mscep.dll
+done
+enrol_url[gateway]=https://127.0.0.1:$GWE_PORT/certsrv/mscep/mscep.dll
+
+bench pkcsreq "http://127.0.0.1:$SCEP_PORT/scep" "$dir/pkcsreq.der" "$POST_BODY_BYTES" > "$dir/pkcsreq.size"
+declare -A long_target
+for t in "${TARGETS[@]}"; do
+  path=${url[$t]#https://127.0.0.1:${port[$t]}}
+  long_target[$t]=$(bench long-target "$path" "$LONG_TARGET_BYTES")
+  bench preflight "$t" "${url[$t]}" "${long_target[$t]}" "$dir/pkcsreq.der"
+done
+
+# ---- runs -------------------------------------------------------------------------------------
+sample_rss() { # out pid,pid...: the peak sum of VmRSS, every 0.5 s
+  local out=$1 peak=0 sum p k v _
+  IFS=, read -ra ps <<< "$2"
+  while :; do
+    sum=0
+    for p in "${ps[@]}"; do
+      while read -r k v _; do [[ $k == VmRSS: ]] && sum=$((sum + v)) && break; done < "/proc/$p/status" 2>/dev/null || true
+    done
+    ((sum > peak)) && peak=$sum && echo "$peak" > "$out"
+    sleep 0.5
+  done
+}
+measure() { # workload target round command...: the command's output and the target's peak memory
+  local w=$1 t=$2 r=$3; shift 3
+  local base=$runs/$w.$t.$r mem=${mem_pids[$t]}
+  [[ $w == enrol && $t == gateway ]] && mem=${mem_pids[gateway-enrol]}
+  sample_rss "$base.rss" "$mem" & sampler_pid=$!
+  "$@" > "$base.out" 2>&1 & load_pid=$!
+  wait "$load_pid" || echo "  $w $t round $r: exit $?" >&2
+  load_pid=
+  kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true
+  sampler_pid=
+}
+wrk_run() { # workload target round url [wrk options]
+  local w=$1 t=$2 r=$3 u=$4; shift 4
+  measure "$w" "$t" "$r" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -s "$here/wrk.lua" "$@" "$u"
+}
+h2_run() {
+  local w=$1 t=$2 r=$3
+  measure "$w" "$t" "$r" h2load -t1 -c"$CONNS" -m4 -D"$DURATION" --log-file="$runs/$w.$t.$r.log" "${url[$t]}?operation=GetCACaps"
+  mv "$runs/$w.$t.$r.out" "$runs/$w.$t.$r.h2load"
+  bench h2sum "$runs/$w.$t.$r.h2load" "$runs/$w.$t.$r.log" > "$runs/$w.$t.$r.out"
+}
+run_one() { # workload target round
+  local w=$1 t=$2 r=$3
+  case $w in
+    getcacaps) wrk_run "$@" "${url[$t]}?operation=GetCACaps" ;;
+    long_get) wrk_run "$@" "https://127.0.0.1:${port[$t]}${long_target[$t]}" ;;
+    post) BENCH_BODY=$dir/pkcsreq.der wrk_run "$@" "${url[$t]}?operation=PKIOperation" ;;
+    new_tls) wrk_run "$@" "${url[$t]}?operation=GetCACaps" -H "Connection: close" ;;
+    h2) h2_run "$@" ;;
+    idle)
+      measure "$@" bench idle --port "${port[$t]}" --path "${url[$t]#https://127.0.0.1:${port[$t]}}" \
+        --n "$IDLE" --pids "${mem_pids[$t]}" ;;
+    enrol)
+      measure "$@" bench enrol --url "${enrol_url[$t]}" --n "$ENROL" --parallel "$ENROL_PARALLEL" \
+        --root "$dir/root.pem" --workdir "$dir/enrol/$t.$r" --prefix "bench-$t-$r" ;;
+  esac
+}
+
+echo "warm-up"
+for t in "${TARGETS[@]}"; do
+  wrk -t1 -c"$CONNS" -d1s "${url[$t]}?operation=GetCACaps" > "$dir/warmup.$t.txt" 2>&1
+done
+for w in $WORKLOADS; do
+  ts=("${TARGETS[@]}")
+  # The stand-in is a single nginx worker sized for the proxies' traffic, not a peer to compare.
+  [[ $w == idle ]] && ts=("${PROXIES[@]}")
+  for r in $(seq "$ROUNDS"); do
+    for t in "${ts[@]}"; do
+      echo "$w: $t, round $r/$ROUNDS"
+      run_one "$w" "$t" "$r"
+      sleep 0.5
+    done
+  done
+done
+
+curl_metrics() { python3 -c 'import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1"; }
+curl_metrics "http://127.0.0.1:$GW_ADMIN/metrics" > "$dir/gateway-metrics.txt" || true
+curl_metrics "http://127.0.0.1:$GWE_ADMIN/metrics" > "$dir/gateway-enrol-metrics.txt" || true
+
+elapsed=$(($(date +%s) - started))
+{
+  echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "cpus=$(nproc)"
+  echo "kernel=$(uname -r)"
+  echo "rounds=$ROUNDS"
+  echo "duration=$DURATION"
+  echo "connections=$CONNS"
+  echo "threads=$THREADS"
+  echo "idle=$IDLE"
+  echo "enrol=$ENROL"
+  echo "enrol_parallel=$ENROL_PARALLEL"
+  echo "post_body_bytes=$(cat "$dir/pkcsreq.size")"
+  echo "long_target_bytes=$LONG_TARGET_BYTES"
+  echo "gateway_log=$GATEWAY_LOG"
+  echo "load=$load_start at the start, $(cut -d" " -f1-3 /proc/loadavg) at the end"
+  echo "elapsed=$((elapsed / 60)) min $((elapsed % 60)) s"
+  echo "versions=ndes-gateway $("$gateway_bin" --version | awk '{print $NF}'), $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1{print $3}'), wrk $(wrk -v 2>&1 | awk 'NR==1{print $2}'), h2load $(h2load --version | awk '{print $NF}'), $(openssl version | awk '{print $1, $2}')"
+} > "$dir/meta.txt"
+bench report "$dir"
+echo "results: $dir/results.md $dir/results.json"
