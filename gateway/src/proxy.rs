@@ -470,10 +470,12 @@ impl Proxy {
             ScepPath::Dll => "",
             ScepPath::PkiClientExe => PKICLIENT_SUFFIX,
         };
-        let upstream_uri = target.uri_for(suffix, uri.query()).ok_or_else(|| Rejection {
+        let upstream_uri = target.uri_reusing(uri, suffix).ok_or_else(|| Rejection {
             status: StatusCode::URI_TOO_LONG,
             reason: RejectReason::UriTooLong,
-            detail: "the request-target is too long once mapped onto the upstream path (upstream.url)".to_owned(),
+            detail:
+                "the request-target is too long once mapped onto the upstream path (upstream.url)"
+                    .to_owned(),
             allow: None,
         })?;
         strip_hop_by_hop(&mut headers);

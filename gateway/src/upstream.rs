@@ -313,6 +313,26 @@ impl UpstreamTarget {
         parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).ok()?);
         Uri::from_parts(parts).ok()
     }
+
+    /// The same, sharing the client's bytes when its path is already the upstream's (the usual
+    /// case for a real NDES, where both are /certsrv/mscep/mscep.dll): a 64 KB request-target
+    /// then goes upstream without a copy.
+    pub fn uri_reusing(&self, client: &Uri, suffix: &str) -> Option<Uri> {
+        let path = client.path();
+        let same = path.len() == self.base_path.len() + suffix.len()
+            && path.starts_with(self.base_path.as_str())
+            && path.ends_with(suffix);
+        match client.path_and_query() {
+            Some(pq) if same => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(self.scheme.clone());
+                parts.authority = Some(self.authority.clone());
+                parts.path_and_query = Some(pq.clone());
+                Uri::from_parts(parts).ok()
+            }
+            _ => self.uri_for(suffix, client.query()),
+        }
+    }
 }
 
 fn client_config(c: &UpstreamConfig, seen: SeenLeaf) -> Result<Arc<ClientConfig>, ConfigError> {
