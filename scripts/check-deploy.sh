@@ -76,6 +76,7 @@ if [[ ! -x $gateway_bin && -z ${NDES_GATEWAY_BIN:-} ]]; then
   echo "building $gateway_bin"
   (cd "$root" && cargo build --locked --bin ndes-gateway)
 fi
+[[ -x $gateway_bin ]] || { echo "no gateway binary at $gateway_bin" >&2; exit 1; }
 echo "gateway: $gateway_bin"
 # One snapshot for the whole run, so a rebuild in the meantime cannot swap the binary between
 # the checks (or remove it in the middle of one).
