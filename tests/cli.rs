@@ -102,39 +102,15 @@ fn the_demo_enrols_a_device_and_stops() {
 fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let pki = devpki::generate(dir.path()).unwrap();
-    // An upstream nothing listens on: the request is answered 502, and that is logged too.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let text = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"json\"\n[admin]\naddr = \"127.0.0.1:0\"\n",
-        pki.gateway_cert.display().to_string(),
-        pki.gateway_key.display().to_string(),
-        pki.root.display().to_string(),
+    // The upstream is down: the request is answered 502, and that is logged too.
+    let mut served = Served::start(
+        dir.path(),
+        &pki.gateway_cert,
+        &pki.gateway_key,
+        &pki.root,
+        "[admin]\naddr = \"127.0.0.1:0\"\n",
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
-            .args(["serve", "--config", path.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let mut next_json = || -> serde_json::Value {
-        let line = lines.next().expect("the gateway stopped logging").unwrap();
-        serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"))
-    };
-    let listening = (0..10)
-        .map(|_| next_json())
-        .find(|v| v["message"] == "listening")
-        .expect("never listening");
-    let addr: std::net::SocketAddr = listening["addr"].as_str().unwrap().parse().unwrap();
-
+    let addr = served.addr;
     let curl = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
         .arg(&pki.root)
@@ -147,7 +123,7 @@ fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "502");
 
     let access = (0..10)
-        .map(|_| next_json())
+        .map(|_| served.next_json())
         .find(|v| v["target"] == "ndes_gateway::access")
         .expect("no access line");
     assert_eq!(access["status"], 502, "{access}");
@@ -158,12 +134,67 @@ fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
 
     // The shell's own kill: no procps needed.
     let term = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {}", child.0.id())])
+        .args(["-c", &format!("kill -TERM {}", served.child.0.id())])
         .status()
         .unwrap();
     assert!(term.success());
-    let status = child.0.wait().unwrap();
+    let status = served.child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// `ndes-gateway serve` with JSON logs on a free port, in front of an upstream nothing listens on
+/// (`extra` is appended to the config); killed when dropped.
+struct Served {
+    child: Killed,
+    lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
+    addr: std::net::SocketAddr,
+}
+
+impl Served {
+    fn start(dir: &Path, cert: &Path, key: &Path, root: &Path, extra: &str) -> Served {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let text = format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"json\"\n{extra}",
+            cert.display().to_string(),
+            key.display().to_string(),
+            root.display().to_string(),
+        );
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut child = Killed(
+            Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
+                .args(["serve", "--config", path.to_str().unwrap()])
+                .env_remove("RUST_LOG")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+        let mut served = Served {
+            child,
+            lines,
+            addr: "0.0.0.0:0".parse().unwrap(),
+        };
+        let listening = (0..10)
+            .map(|_| served.next_json())
+            .find(|v| v["message"] == "listening")
+            .expect("never listening");
+        served.addr = listening["addr"].as_str().unwrap().parse().unwrap();
+        served
+    }
+
+    fn next_json(&mut self) -> serde_json::Value {
+        let line = self
+            .lines
+            .next()
+            .expect("the gateway stopped logging")
+            .unwrap();
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"))
+    }
 }
 
 /// The child process, killed if the test fails before it stops by itself.
@@ -265,32 +296,14 @@ fn certs_pin_agrees_with_openssl() {
 fn certs_pin_connect_reads_a_live_server() {
     let dir = tempfile::tempdir().unwrap();
     let pki = devpki::generate(dir.path()).unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let text = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\n[log]\nformat = \"json\"\n[admin]\nenabled = false\n",
-        pki.ndes_cert.display().to_string(),
-        pki.ndes_key.display().to_string(),
-        pki.root.display().to_string(),
+    let served = Served::start(
+        dir.path(),
+        &pki.ndes_cert,
+        &pki.ndes_key,
+        &pki.root,
+        "[admin]\nenabled = false\n",
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
-            .args(["serve", "--config", path.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let listening = (0..10)
-        .filter_map(|_| serde_json::from_str::<serde_json::Value>(&lines.next()?.ok()?).ok())
-        .find(|v| v["message"] == "listening")
-        .expect("never listening");
-    let addr = listening["addr"].as_str().unwrap().to_owned();
+    let addr = served.addr.to_string();
     let out = gateway(&[
         "certs",
         "pin",

@@ -312,7 +312,9 @@ def cmd_enrol(a):
                 cwd=d, env=env, capture_output=True, text=True, timeout=120, check=False)
             cert = os.path.join(d, "k.pem")
             ok = p.returncode == 0 and os.path.exists(cert) and os.path.getsize(cert) > 0
-            tail = [] if ok else ((p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"])
+            # scepclient prints the CA's verdict on stdout and its request log on stderr.
+            why = (p.stdout.strip() or p.stderr.strip()).splitlines()[-1:]
+            tail = [] if ok else [f"exit {p.returncode}: " + " ".join(why)]
         except (subprocess.TimeoutExpired, OSError) as e:
             ok, tail = False, [str(e)]
         return ok, time.monotonic() - t0, tail

@@ -37,7 +37,7 @@ POST_BODY_BYTES=3800
 TARGETS=(gateway nginx haproxy direct)
 PROXIES=(gateway nginx haproxy)
 bench() { python3 "$here/bench.py" "$@"; }
-started=$(date +%s) load_start=$(cut -d" " -f1-3 /proc/loadavg)
+started=$(date +%s) run_id=$(date +%H%M%S) load_start=$(cut -d" " -f1-3 /proc/loadavg)
 
 # Every connection is a descriptor in the proxy and another in the load generator.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -216,8 +216,10 @@ run_one() { # workload target round
       measure "$@" bench idle --port "${port[$t]}" --path "${url[$t]#https://127.0.0.1:${port[$t]}}" \
         --n "$IDLE" --pids "${mem_pids[$t]}" ;;
     enrol)
+      # scepserver refuses a second certificate for a CN it has issued, so every enrolment, in
+      # this run or an earlier one in the same folder, has its own.
       measure "$@" bench enrol --url "${enrol_url[$t]}" --n "$ENROL" --parallel "$ENROL_PARALLEL" \
-        --root "$dir/root.pem" --workdir "$dir/enrol/$t.$r" --prefix "bench-$t-$r" ;;
+        --root "$dir/root.pem" --workdir "$dir/enrol/$t.$r" --prefix "bench-$run_id-$t-$r" ;;
   esac
 }
 
