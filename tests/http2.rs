@@ -190,6 +190,20 @@ async fn a_body_without_content_length_is_capped_while_it_streams() {
 }
 
 #[tokio::test]
+async fn a_get_ended_by_an_empty_data_frame_is_served() {
+    let s = Setup::new().await;
+    let (status, _) = h2_send(
+        &s,
+        http::Method::GET,
+        &format!("{SCEP}?operation=GetCACaps"),
+        Unsized { left: 0 },
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(s.upstream.count(), 1);
+}
+
+#[tokio::test]
 async fn a_get_with_data_frames_is_400() {
     let s = Setup::new().await;
     let (status, _) = h2_send(

@@ -245,15 +245,20 @@ impl Proxy {
                 Err(rejection) => return reject(rejection, client, outcome),
             }
         } else if !body.is_end_stream() {
-            // An HTTP/2 GET can carry DATA frames without a Content-Length, which the filter
-            // cannot see: refused here, before the body is held while NDES answers.
-            let rejection = Rejection {
-                status: StatusCode::BAD_REQUEST,
-                reason: RejectReason::BodyNotAllowed,
-                detail: "a GET request carries no body in SCEP".to_owned(),
-                allow: None,
-            };
-            return reject(rejection, client, outcome);
+            // An HTTP/2 GET may end its stream with an empty DATA frame, which is fine; one that
+            // carries data is not SCEP and is refused before anything is held while NDES answers.
+            let empty =
+                tokio::time::timeout(self.body_timeout, Limited::new(body, 0).collect()).await;
+            if !matches!(empty, Ok(Ok(_))) {
+                let rejection = Rejection {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: RejectReason::BodyNotAllowed,
+                    detail: "a GET request carries no body in SCEP".to_owned(),
+                    allow: None,
+                };
+                return reject(rejection, client, outcome);
+            }
+            Bytes::new()
         } else {
             Bytes::new()
         };

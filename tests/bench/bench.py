@@ -460,11 +460,12 @@ def cmd_report(a):
         out["workloads"][w] = {"label": label, "targets": per, "runs": runs[w]}
     if "idle" in runs:
         md.append("")
-        md.append(f"(f) {meta.get('idle', '?')} idle TLS connections, one GetCACaps each, then held: VmRSS of "
-                  "the proxy (nginx: its workers) before opening them, while holding them, and after closing them.")
+        md.append(f"(f) {meta.get('idle', '?')} idle TLS connections, one GetCACaps each, then held; each round "
+                  "against a freshly started proxy: VmRSS (nginx: its workers) before opening them, while holding "
+                  "them, and after closing them.")
         md.append("")
-        md.append("| target | held | errors | open time s | RSS before MiB | RSS holding MiB | KiB per connection | vs nginx | RSS after close MiB |")
-        md.append("|---|---|---|---|---|---|---|---|---|")
+        md.append("| target | held | errors | open time s | RSS before MiB | RSS holding MiB | KiB per connection | vs nginx | RSS after close MiB | rounds, holding MiB |")
+        md.append("|---|---|---|---|---|---|---|---|---|---|")
         per = {}
         for t in TARGETS:
             rs = runs["idle"].get(t)
@@ -478,6 +479,7 @@ def cmd_report(a):
                 "rss_before_kib": med([r.get("rss_before_kib") for r in rs]),
                 "rss_holding_kib": med([r.get("rss_holding_kib") for r in rs]),
                 "rss_after_kib": med([r.get("rss_after_kib") for r in rs]),
+                "rounds_holding_kib": [r.get("rss_holding_kib") for r in rs],
                 "kib_per_conn": med([(r["rss_holding_kib"] - r["rss_before_kib"]) / r["alive"]
                                      for r in rs if r.get("alive")]),
             }
@@ -493,23 +495,41 @@ def cmd_report(a):
             held = "n/a" if v["held"] is None else f"{v['held']:.0f}/{v['n']}"
             kpc = "n/a" if v["kib_per_conn"] is None else f"{v['kib_per_conn']:.1f}"
             md.append(f"| {t} | {held} | {errs} | {v['open_seconds']} | {fmt_mib(v['rss_before_kib'])} | "
-                      f"{fmt_mib(v['rss_holding_kib'])} | {kpc} | {fmt_ratio(v['vs_nginx'])} | {fmt_mib(v['rss_after_kib'])} |")
+                      f"{fmt_mib(v['rss_holding_kib'])} | {kpc} | {fmt_ratio(v['vs_nginx'])} | {fmt_mib(v['rss_after_kib'])} | "
+                      + " / ".join(fmt_mib(x) for x in v["rounds_holding_kib"]) + " |")
         out["idle"] = {"targets": per, "runs": runs["idle"]}
-    gm = os.path.join(d, "gateway-metrics.txt")
-    if os.path.exists(gm):
-        with open(gm) as f:
-            counters = {}
-            for line in f:
-                m = re.match(r"(ndes_gateway_(?:rejected_total|upstream_errors_total|connections_refused_total|"
-                             r"tls_handshake_failures_total|requests_total))(\{[^}]*\})?\s+(\S+)", line)
-                if m and float(m.group(3)) > 0:
-                    counters[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    snapshots = sorted(n for n in os.listdir(d) if re.fullmatch(r"gateway-metrics\.\d+\.txt", n))
+    if snapshots:
+        counters = {}
+        for n in snapshots:
+            with open(os.path.join(d, n)) as f:
+                for line in f:
+                    m = re.match(r"(ndes_gateway_(?:rejected_total|upstream_errors_total|connections_refused_total|"
+                                 r"tls_handshake_failures_total|requests_total))(\{[^}]*\})?\s+(\S+)", line)
+                    if m and float(m.group(3)) > 0:
+                        key = m.group(1) + (m.group(2) or "")
+                        counters[key] = counters.get(key, 0) + float(m.group(3))
         out["gateway_counters"] = counters
         odd = {k: v for k, v in counters.items()
                if not k.startswith("ndes_gateway_requests_total") or 'status="200"' not in k}
         md.append("")
         md.append("Gateway's own counters at the end (throughput instance), other than 200 answers: "
                   + (", ".join(f"`{k}` {v:.0f}" for k, v in sorted(odd.items())) or "none") + ".")
+    ca_log = os.path.join(d, "scepserver.log")
+    if os.path.exists(ca_log):
+        refusals = {}
+        with open(ca_log, errors="replace") as f:
+            for line in f:
+                m = re.search(r'msg="failed to sign CSR" err="([^"]*)"', line)
+                # The recorded POST body is made with a wrong challenge on purpose.
+                if m and m.group(1) != "invalid challenge":
+                    reason = m.group(1).replace(os.path.abspath(d) + "/", "")
+                    refusals[reason] = refusals.get(reason, 0) + 1
+        out["ca_refusals"] = refusals
+        if refusals:
+            md.append("")
+            md.append("The CA (scepserver) itself failed to sign: "
+                      + ", ".join(f"{c} x `{r}`" for r, c in sorted(refusals.items())) + ".")
     text = "\n".join(md) + "\n"
     with open(os.path.join(d, "results.md"), "w") as f:
         f.write(text)

@@ -11,7 +11,7 @@
 #   BENCH_QUICK=1         smoke run: 1 round, 2 s runs, 500 idle connections, 8 enrolments
 #   BENCH_ROUNDS (3), BENCH_DURATION (5 s), BENCH_CONNECTIONS (32), BENCH_THREADS (1),
 #   BENCH_IDLE (10000), BENCH_ENROL (40), BENCH_ENROL_PARALLEL (4)
-#   BENCH_WORKLOADS       a subset of: getcacaps long_get post new_tls h2 idle enrol
+#   BENCH_WORKLOADS       a subset of: getcacaps long_get post new_tls h2 enrol idle
 #   BENCH_GATEWAY_LOG     the gateway's log filter (default: no per-request lines, as the peers
 #                         run with access_log off; see gateway.toml.in)
 #   CARGO_TARGET_DIR      where cargo builds (default: <repo>/target)
@@ -30,7 +30,7 @@ else
   ROUNDS=${BENCH_ROUNDS:-3} DURATION=${BENCH_DURATION:-5} IDLE=${BENCH_IDLE:-10000} ENROL=${BENCH_ENROL:-40}
 fi
 CONNS=${BENCH_CONNECTIONS:-32} THREADS=${BENCH_THREADS:-1} ENROL_PARALLEL=${BENCH_ENROL_PARALLEL:-4}
-WORKLOADS=${BENCH_WORKLOADS:-getcacaps long_get post new_tls h2 idle enrol}
+WORKLOADS=${BENCH_WORKLOADS:-getcacaps long_get post new_tls h2 enrol idle}
 GATEWAY_LOG=${BENCH_GATEWAY_LOG:-info,ndes_gateway::access=off,ndes_gateway::scep=warn,rustls=error}
 LONG_TARGET_BYTES=63488   # 62 KiB, under the 65534 that IIS, the gateway and the peers are set to
 POST_BODY_BYTES=3800
@@ -51,7 +51,7 @@ maxconn=$((IDLE + 2000))
 dir=${BENCH_DIR:-$(mktemp -d /tmp/ndes-bench.XXXXXX)}
 mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
 runs=$dir/runs
-rm -rf "$runs" "$dir/enrol" && mkdir -p "$runs"
+rm -rf "$runs" "$dir/enrol" "$dir"/gateway-metrics.*.txt && mkdir -p "$runs"
 echo "run folder: $dir"
 
 # ---- stop everything started here, whatever happens --------------------------------------------
@@ -117,7 +117,7 @@ render gateway.toml.in gateway-enrol.toml -e "s|@LISTEN_PORT@|$GWE_PORT|; s|@ADM
 # ---- start ------------------------------------------------------------------------------------
 start() { # name command...
   local name=$1; shift
-  "$@" > "$dir/$name.log" 2>&1 &
+  "$@" >> "$dir/$name.log" 2>&1 &
   pids+=($!)
   printf -v "pid_${name//-/_}" %s "$!"
 }
@@ -145,12 +145,20 @@ bench wait-ready "http://127.0.0.1:$GW_ADMIN/healthz" 30
 bench wait-ready "http://127.0.0.1:$GWE_ADMIN/healthz" 30
 
 # Memory is read from the processes that hold the connections: nginx's workers, not its master.
-sleep 0.3
+workers() { # master pid
+  local w
+  for _ in $(seq 50); do
+    w=$(pgrep -P "$1" | paste -sd,)
+    [[ -n $w ]] && { echo "$w"; return; }
+    sleep 0.1
+  done
+  echo "no workers under nginx master $1" >&2; exit 1
+}
 declare -A mem_pids url enrol_url port
 mem_pids[gateway]=$pid_gateway
-mem_pids[nginx]=$(pgrep -P "$pid_nginx" | paste -sd,)
+mem_pids[nginx]=$(workers "$pid_nginx")
 mem_pids[haproxy]=$pid_haproxy
-mem_pids[direct]=$(pgrep -P "$pid_upstream" | paste -sd,)
+mem_pids[direct]=$(workers "$pid_upstream")
 mem_pids[gateway-enrol]=$pid_gateway_enrol
 port=([gateway]=$GW_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [direct]=$UPSTREAM_PORT)
 # The gateway publishes the SCEP path and maps it onto /bench/mscep.dll; the peers pass paths
@@ -171,6 +179,37 @@ for t in "${TARGETS[@]}"; do
 done
 
 # ---- runs -------------------------------------------------------------------------------------
+metrics_snapshots=0
+scrape_gateway() { # its counters restart with the process: one file per life, summed by the report
+  metrics_snapshots=$((metrics_snapshots + 1))
+  python3 -c 'import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+    "http://127.0.0.1:$GW_ADMIN/metrics" > "$dir/gateway-metrics.$metrics_snapshots.txt" || true
+}
+# Each idle round starts from a fresh process: what an earlier round left allocated would
+# otherwise be the next round's baseline.
+restart() { # target
+  local t=$1 old pidvar="pid_$1" keep=() p
+  old=${!pidvar}
+  [[ $t == gateway ]] && scrape_gateway
+  kill "$old" 2>/dev/null || true
+  wait "$old" 2>/dev/null || true
+  for p in "${pids[@]}"; do [[ $p == "$old" ]] || keep+=("$p"); done
+  pids=("${keep[@]}")
+  case $t in
+    gateway)
+      start gateway "$gateway_bin" serve --config "$dir/gateway.toml"
+      bench wait-ready "http://127.0.0.1:$GW_ADMIN/healthz" 30
+      mem_pids[gateway]=$pid_gateway ;;
+    nginx)
+      start nginx nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/peer-nginx.conf" -g 'daemon off;'
+      wait_port nginx "$NGINX_PORT"
+      mem_pids[nginx]=$(workers "$pid_nginx") ;;
+    haproxy)
+      start haproxy haproxy -db -f "$dir/peer-haproxy.cfg"
+      wait_port haproxy "$HAPROXY_PORT"
+      mem_pids[haproxy]=$pid_haproxy ;;
+  esac
+}
 sample_rss() { # out pid,pid...: the peak sum of VmRSS, every 0.5 s
   local out=$1 peak=0 sum p k v _
   IFS=, read -ra ps <<< "$2"
@@ -213,6 +252,7 @@ run_one() { # workload target round
     new_tls) wrk_run "$@" "${url[$t]}?operation=GetCACaps" -H "Connection: close" ;;
     h2) h2_run "$@" ;;
     idle)
+      restart "$t"
       measure "$@" bench idle --port "${port[$t]}" --path "${url[$t]#https://127.0.0.1:${port[$t]}}" \
         --n "$IDLE" --pids "${mem_pids[$t]}" ;;
     enrol)
@@ -229,7 +269,7 @@ for t in "${TARGETS[@]}"; do
 done
 for w in $WORKLOADS; do
   ts=("${TARGETS[@]}")
-  # The stand-in is a single nginx worker sized for the proxies' traffic, not a peer to compare.
+  # What one held connection costs is a question for the proxies; the stand-in is nginx again.
   [[ $w == idle ]] && ts=("${PROXIES[@]}")
   for r in $(seq "$ROUNDS"); do
     for t in "${ts[@]}"; do
@@ -240,9 +280,7 @@ for w in $WORKLOADS; do
   done
 done
 
-curl_metrics() { python3 -c 'import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1"; }
-curl_metrics "http://127.0.0.1:$GW_ADMIN/metrics" > "$dir/gateway-metrics.txt" || true
-curl_metrics "http://127.0.0.1:$GWE_ADMIN/metrics" > "$dir/gateway-enrol-metrics.txt" || true
+scrape_gateway
 
 elapsed=$(($(date +%s) - started))
 {
