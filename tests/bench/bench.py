@@ -513,7 +513,7 @@ def cmd_report(a):
         odd = {k: v for k, v in counters.items()
                if not k.startswith("ndes_gateway_requests_total") or 'status="200"' not in k}
         md.append("")
-        md.append("Gateway's own counters at the end (throughput instance), other than 200 answers: "
+        md.append("The gateway's own counters (the throughput instance, over all its restarts), other than 200 answers: "
                   + (", ".join(f"`{k}` {v:.0f}" for k, v in sorted(odd.items())) or "none") + ".")
     ca_log = os.path.join(d, "scepserver.log")
     if os.path.exists(ca_log):

@@ -51,7 +51,7 @@ maxconn=$((IDLE + 2000))
 dir=${BENCH_DIR:-$(mktemp -d /tmp/ndes-bench.XXXXXX)}
 mkdir -p "$dir" && dir=$(cd "$dir" && pwd)
 runs=$dir/runs
-rm -rf "$runs" "$dir/enrol" "$dir"/gateway-metrics.*.txt && mkdir -p "$runs"
+rm -rf "$runs" "$dir/enrol" "$dir"/gateway-metrics.*.txt "$dir"/*.log && mkdir -p "$runs"
 echo "run folder: $dir"
 
 # ---- stop everything started here, whatever happens --------------------------------------------
@@ -216,7 +216,7 @@ sample_rss() { # out pid,pid...: the peak sum of VmRSS, every 0.5 s
   while :; do
     sum=0
     for p in "${ps[@]}"; do
-      while read -r k v _; do [[ $k == VmRSS: ]] && sum=$((sum + v)) && break; done < "/proc/$p/status" 2>/dev/null || true
+      { while read -r k v _; do [[ $k == VmRSS: ]] && sum=$((sum + v)) && break; done < "/proc/$p/status"; } 2>/dev/null || true
     done
     ((sum > peak)) && peak=$sum && echo "$peak" > "$out"
     sleep 0.5
