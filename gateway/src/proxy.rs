@@ -249,11 +249,24 @@ impl Proxy {
             // carries data is not SCEP and is refused before anything is held while NDES answers.
             let empty =
                 tokio::time::timeout(self.body_timeout, Limited::new(body, 0).collect()).await;
-            if !matches!(empty, Ok(Ok(_))) {
+            let refused = match empty {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Some((
+                    RejectReason::BodyNotAllowed,
+                    "a GET request carries no body in SCEP",
+                )),
+                // The client reset the stream or went away: nothing to forward, nobody to tell.
+                Ok(Err(_)) => Some((RejectReason::BadRequest, "the request was cut short")),
+                Err(_) => Some((
+                    RejectReason::BodyTimeout,
+                    "the request stream did not end within limits.body_timeout",
+                )),
+            };
+            if let Some((reason, detail)) = refused {
                 let rejection = Rejection {
                     status: StatusCode::BAD_REQUEST,
-                    reason: RejectReason::BodyNotAllowed,
-                    detail: "a GET request carries no body in SCEP".to_owned(),
+                    reason,
+                    detail: detail.to_owned(),
                     allow: None,
                 };
                 return reject(rejection, client, outcome);
