@@ -291,8 +291,12 @@ Try it by hand while the demo runs:
   curl --cacert {root} -i 'https://localhost:{port}/certsrv/mscep_admin/'      # 404: never published
   curl --cacert {root} -i '{url}?operation=Nope'                              # 400
   (cd "$(mktemp -d)" && SSL_CERT_FILE={root} scepclient -server-url {url} -challenge {CHALLENGE} -private-key k.key -certificate k.pem -cn my-device)
-  ndes-gateway check --config {config}
+  {exe} check --config {config}
+  {exe} doctor --config {config}
 "#,
+            exe = std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "ndes-gateway".to_owned()),
             port = addr.port(),
             config = config_path.display(),
         );
