@@ -329,6 +329,14 @@ async fn readiness_follows_ndes_going_down_and_coming_back() {
     assert_eq!(probe.headers.get("host").unwrap(), "ndes.corp.test");
 }
 
+/// The status line of a GetCACaps from a chosen loopback source address, no PROXY header.
+async fn status_from(source: &str, gw: &Gateway, pki: &Pki) -> String {
+    request_from(source, gw, pki, b"")
+        .await
+        .unwrap()
+        .status_line
+}
+
 /// A TLS request over a TCP connection from a chosen loopback source address.
 async fn request_from(source: &str, gw: &Gateway, pki: &Pki, prefix: &[u8]) -> Option<RawResponse> {
     let socket = TcpSocket::new_v4().unwrap();
@@ -358,13 +366,7 @@ async fn the_request_past_the_burst_gets_429_and_another_client_is_unaffected() 
         .await
         .unwrap();
     for _ in 0..2 {
-        assert_eq!(
-            request_from("127.0.0.1", &gw, &pki, b"")
-                .await
-                .unwrap()
-                .status_line,
-            "HTTP/1.1 200 OK"
-        );
+        assert_eq!(status_from("127.0.0.1", &gw, &pki).await, "HTTP/1.1 200 OK");
     }
     let r = request_from("127.0.0.1", &gw, &pki, b"").await.unwrap();
     assert_eq!(r.status_line, "HTTP/1.1 429 Too Many Requests");
@@ -375,13 +377,7 @@ async fn the_request_past_the_burst_gets_429_and_another_client_is_unaffected() 
         "{}",
         r.text()
     );
-    assert_eq!(
-        request_from("127.0.0.2", &gw, &pki, b"")
-            .await
-            .unwrap()
-            .status_line,
-        "HTTP/1.1 200 OK"
-    );
+    assert_eq!(status_from("127.0.0.2", &gw, &pki).await, "HTTP/1.1 200 OK");
     assert_eq!(upstream.count(), 3);
     let (_, m) = scrape(&gw).await;
     assert_eq!(
@@ -405,13 +401,7 @@ async fn the_global_limit_covers_every_client() {
     let gw = Gateway::start(&with_admin(&pki, upstream.addr, "", limits, "1h"))
         .await
         .unwrap();
-    assert_eq!(
-        request_from("127.0.0.1", &gw, &pki, b"")
-            .await
-            .unwrap()
-            .status_line,
-        "HTTP/1.1 200 OK"
-    );
+    assert_eq!(status_from("127.0.0.1", &gw, &pki).await, "HTTP/1.1 200 OK");
     let r = request_from("127.0.0.2", &gw, &pki, b"").await.unwrap();
     assert_eq!(r.status_line, "HTTP/1.1 429 Too Many Requests");
     assert!(r.text().contains("rate_limit.global_rps"));

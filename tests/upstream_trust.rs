@@ -21,6 +21,12 @@ fn pin_of(pem: &str) -> String {
 
 const CACAPS: &str = "/certsrv/mscep/mscep.dll?operation=GetCACaps&message=default";
 
+/// GetCACaps through the gateway, on a connection of its own.
+async fn caps_through(gw: &Gateway, pki: &Pki) -> RawResponse {
+    let req = format!("GET {CACAPS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    raw_request(gw.local_addr(), pki.root(), req.as_bytes()).await
+}
+
 /// What the gateway's pool says when asked to reach the upstream directly: the error kind that the
 /// log line and the metric label carry.
 async fn pool_error(config: &Config) -> Option<UpstreamErrorKind> {
@@ -41,12 +47,7 @@ async fn a_certificate_from_another_ca_gets_502_and_no_request_reaches_the_upstr
     let upstream = Upstream::start(Some((cert, key)), Arc::new(caps_response)).await;
     let config = gateway_config(&pki, upstream.addr, "", "");
     let gw = Gateway::start(&config).await.unwrap();
-    let r = raw_request(
-        gw.local_addr(),
-        pki.root(),
-        format!("GET {CACAPS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
+    let r = caps_through(&gw, &pki).await;
     assert_eq!(r.status_line, "HTTP/1.1 502 Bad Gateway");
     assert!(
         !r.text().contains("ndes.corp.test"),
@@ -64,12 +65,7 @@ async fn the_right_ca_with_the_wrong_name_gets_502() {
     let mut config = gateway_config(&pki, upstream.addr, "", "");
     config.upstream.server_name = Some("ndes2.corp.test".to_owned());
     let gw = Gateway::start(&config).await.unwrap();
-    let r = raw_request(
-        gw.local_addr(),
-        pki.root(),
-        format!("GET {CACAPS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await;
+    let r = caps_through(&gw, &pki).await;
     assert_eq!(r.status_line, "HTTP/1.1 502 Bad Gateway");
     assert_eq!(upstream.count(), 0);
     assert_eq!(pool_error(&config).await, Some(UpstreamErrorKind::TlsName));
@@ -84,9 +80,7 @@ async fn a_matching_spki_pin_is_served_and_a_wrong_one_gets_502() {
     let gw = Gateway::start(&gateway_config(&pki, upstream.addr, &good, ""))
         .await
         .unwrap();
-    let req = format!("GET {CACAPS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let r = raw_request(gw.local_addr(), pki.root(), req.as_bytes()).await;
-    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(caps_through(&gw, &pki).await.status_line, "HTTP/1.1 200 OK");
     assert_eq!(upstream.count(), 1);
 
     // A pin of another key, valid chain and name: the pin decides.
@@ -94,8 +88,10 @@ async fn a_matching_spki_pin_is_served_and_a_wrong_one_gets_502() {
     let wrong = format!("spki_sha256 = [\"{}\"]", pin_of(&other));
     let config = gateway_config(&pki, upstream.addr, &wrong, "");
     let gw = Gateway::start(&config).await.unwrap();
-    let r = raw_request(gw.local_addr(), pki.root(), req.as_bytes()).await;
-    assert_eq!(r.status_line, "HTTP/1.1 502 Bad Gateway");
+    assert_eq!(
+        caps_through(&gw, &pki).await.status_line,
+        "HTTP/1.1 502 Bad Gateway"
+    );
     assert_eq!(upstream.count(), 1);
     assert_eq!(
         pool_error(&config).await,
@@ -136,9 +132,10 @@ async fn an_upstream_that_is_down_gets_502_and_a_silent_one_504() {
     let config = gateway_config(&pki, closed, "", "");
     assert_eq!(pool_error(&config).await, Some(UpstreamErrorKind::Connect));
     let gw = Gateway::start(&config).await.unwrap();
-    let req = format!("GET {CACAPS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let r = raw_request(gw.local_addr(), pki.root(), req.as_bytes()).await;
-    assert_eq!(r.status_line, "HTTP/1.1 502 Bad Gateway");
+    assert_eq!(
+        caps_through(&gw, &pki).await.status_line,
+        "HTTP/1.1 502 Bad Gateway"
+    );
 
     // Accepts TCP and never answers: the connect timeout (TLS handshake) runs out.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -149,8 +146,10 @@ async fn an_upstream_that_is_down_gets_502_and_a_silent_one_504() {
         "",
     );
     let gw = Gateway::start(&config).await.unwrap();
-    let r = raw_request(gw.local_addr(), pki.root(), req.as_bytes()).await;
-    assert_eq!(r.status_line, "HTTP/1.1 504 Gateway Timeout");
+    assert_eq!(
+        caps_through(&gw, &pki).await.status_line,
+        "HTTP/1.1 504 Gateway Timeout"
+    );
     assert_eq!(pool_error(&config).await, Some(UpstreamErrorKind::Timeout));
     drop(silent);
 }
