@@ -115,3 +115,109 @@ async fn http2_pings_alone_do_not_keep_a_connection_open() {
     );
     assert_eq!(upstream.count(), 0);
 }
+
+/// Polls `parked` (bounded) until it reads `want`.
+async fn wait_parked(gw: &ndes_gateway::Gateway, want: i64, at: &str) {
+    for _ in 0..200 {
+        if gw.metrics().connections_parked.get() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{at}: connections_parked stayed at {}, not {want}",
+        gw.metrics().connections_parked.get()
+    );
+}
+
+fn parking_config(pki: &Pki, upstream: &Upstream) -> ndes_gateway::config::Config {
+    let mut config = gateway_config(pki, upstream.addr, "", "");
+    config.listen.idle_timeout = Duration::from_secs(60);
+    config.limits.header_timeout = Duration::from_secs(600);
+    config
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_and_resumes_with_every_byte() {
+    let pki = Pki::new();
+    let upstream = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let gw = ndes_gateway::Gateway::start(&parking_config(&pki, &upstream))
+        .await
+        .unwrap();
+    let mut tls = tls_connect(gw.local_addr(), pki.root()).await;
+    tls.write_all(KEEP_ALIVE.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status_line, "HTTP/1.1 200 OK");
+    wait_parked(&gw, 1, "after the first request").await;
+
+    // A 65534-byte request-target, its first bytes alone: the parked connection wakes on them
+    // and the rest follows through the new HTTP state.
+    let target = pki_target("/certsrv/mscep/mscep.dll", 65534);
+    let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+    tls.write_all(&request.as_bytes()[..5]).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tls.write_all(&request.as_bytes()[5..]).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(gw.metrics().connections_parked.get(), 0);
+    let seen = upstream.last();
+    assert_eq!(
+        seen.target, target,
+        "the request-target was not forwarded whole"
+    );
+
+    // Parked again, then two pipelined requests in one write: both answered, in order.
+    wait_parked(&gw, 1, "after the long request").await;
+    let two = format!(
+        "{KEEP_ALIVE}GET /certsrv/mscep/mscep.dll?operation=GetCACert HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    tls.write_all(two.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(read_response(&mut tls).await.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(upstream.count(), 4);
+    assert_eq!(
+        upstream.last().target,
+        "/certsrv/mscep/mscep.dll?operation=GetCACert"
+    );
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_by_the_idle_timeout_and_by_the_drain() {
+    let pki = Pki::new();
+    let upstream = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let mut config = parking_config(&pki, &upstream);
+    config.listen.idle_timeout = Duration::from_secs(3);
+    // Longer than the test waits: only a drain that closes parked connections ends in time.
+    config.listen.drain_timeout = Duration::from_secs(600);
+    let gw = ndes_gateway::Gateway::start(&config).await.unwrap();
+
+    let mut idle = tls_connect(gw.local_addr(), pki.root()).await;
+    idle.write_all(KEEP_ALIVE.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_response(&mut idle).await.status_line,
+        "HTTP/1.1 200 OK"
+    );
+    wait_parked(&gw, 1, "after the first request").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(IO_TIMEOUT, idle.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the parked connection was not closed cleanly at the idle timeout: {closed:?}"
+    );
+    wait_parked(&gw, 0, "after the idle close").await;
+
+    let mut held = tls_connect(gw.local_addr(), pki.root()).await;
+    held.write_all(KEEP_ALIVE.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_response(&mut held).await.status_line,
+        "HTTP/1.1 200 OK"
+    );
+    wait_parked(&gw, 1, "before the drain").await;
+    tokio::time::timeout(IO_TIMEOUT, gw.shutdown())
+        .await
+        .expect("the drain waited on a parked connection");
+    let closed = tokio::time::timeout(IO_TIMEOUT, held.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the drain did not close the parked connection: {closed:?}"
+    );
+}

@@ -206,6 +206,11 @@ impl Gateway {
         self.local_addr
     }
 
+    /// The gateway's metrics, as `/metrics` serves them.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The admin listener's address, when it is enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr

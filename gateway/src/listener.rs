@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -23,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::client_addr::{read_proxy_header, Prefixed};
 use crate::config::Config;
 use crate::metrics::{Metrics, REASON_HEADER_TIMEOUT, REASON_MALFORMED};
-use crate::proxy::Proxy;
+use crate::proxy::{GatewayBody, Proxy};
 
 /// How long an idle connection told to close may take to go before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
@@ -41,16 +43,15 @@ pub struct ListenerSettings {
     /// How long requests in flight may take to finish once the gateway is stopping.
     pub drain_timeout: Duration,
     per_client: Option<PerClientSlots>,
-    http1: auto::Builder<TokioExecutor>,
-    http2: Option<auto::Builder<TokioExecutor>>,
+    http1: http1::Builder,
+    http2: Option<http2::Builder<TokioExecutor>>,
 }
 
 impl ListenerSettings {
     pub fn from_config(c: &Config) -> ListenerSettings {
         let l = &c.limits;
-        let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+        let mut http1 = http1::Builder::new();
         http1
-            .http1()
             .timer(TokioTimer::new())
             // hyper enforces this only with a timer set.
             .header_read_timeout(l.header_timeout)
@@ -60,9 +61,8 @@ impl ListenerSettings {
             .writev(true);
         let window = u32::try_from(l.max_body_bytes.max(65_535)).unwrap_or(u32::MAX);
         let http2 = c.listen.http2.then(|| {
-            let mut b = auto::Builder::new(TokioExecutor::new()).http2_only();
-            b.http2()
-                .timer(TokioTimer::new())
+            let mut b = http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
                 // hyper's default of 16 KiB would refuse a 65534-byte :path.
                 .max_header_list_size(
                     (l.max_uri_bytes + l.max_header_bytes + H2_HEADER_LIST_SLACK_BYTES) as u32,
@@ -168,10 +168,12 @@ async fn serve_connection(
     let mut tcp = tcp;
     let (client, prefix) = if settings.proxy_protocol {
         // The load balancer writes the header at once; the handshake timeout covers it too.
-        let header = tokio::time::timeout(
+        // Boxed, as is the TLS handshake: what a handshake holds is freed once it is over,
+        // rather than kept in every connection's task for its whole life.
+        let header = Box::pin(tokio::time::timeout(
             settings.handshake_timeout,
             read_proxy_header(&mut tcp, peer),
-        )
+        ))
         .await;
         match header {
             Ok(Ok(found)) => found,
@@ -210,8 +212,8 @@ async fn serve_connection(
         _ => None,
     };
     let stream = Prefixed::new(prefix, tcp);
-    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await
-    {
+    let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+    let tls = match Box::pin(handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics.tls_handshake_failures_total.inc();
@@ -225,55 +227,203 @@ async fn serve_connection(
         }
     };
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let builder = match (&settings.http2, is_h2) {
-        (Some(h2), true) => h2,
-        _ => &settings.http1,
-    };
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(ActivityIo::new(tls, activity.clone()));
     let in_service = activity.clone();
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let guard = InFlight::new(in_service.clone());
         async move {
             let response = proxy.handle(req, client).await;
-            drop(guard);
-            Ok::<_, Infallible>(response)
+            // Counted in flight until hyper has written the whole body, not just the head.
+            Ok::<_, Infallible>(response.map(|inner| TrackedBody {
+                inner,
+                _in_flight: guard,
+            }))
         }
     });
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    // When a connection told to close is dropped, whatever it still has in flight.
-    let mut closing_deadline: Option<Instant> = None;
-    loop {
-        let wake = match closing_deadline {
-            Some(deadline) => deadline,
-            None => activity.next_idle_check(settings.idle_timeout),
-        };
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    log_connection_error(&*e, client, &metrics, &activity);
-                }
-                return;
-            }
-            _ = shutdown.changed(), if closing_deadline.is_none() => {
-                // HTTP/1.1: close after the response in flight; HTTP/2: GOAWAY, streams finish.
-                conn.as_mut().graceful_shutdown();
-                closing_deadline = Some(Instant::now() + settings.drain_timeout);
-            }
-            _ = tokio::time::sleep_until(wake) => {
-                if closing_deadline.is_some() {
-                    tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "connection dropped after the close grace period");
+    let ctx = ConnCtx {
+        activity: &activity,
+        settings: &settings,
+        metrics: &metrics,
+        client,
+    };
+    let mut io = ActivityIo::new(tls, activity.clone());
+    match (&settings.http2, is_h2) {
+        (Some(h2), true) => {
+            let mut conn = Box::pin(h2.serve_connection(TokioIo::new(io), service));
+            ctx.drive(
+                conn.as_mut(),
+                |c| c.graceful_shutdown(),
+                false,
+                &mut shutdown,
+            )
+            .await;
+        }
+        _ => {
+            let mut service = service;
+            loop {
+                // Boxed, so that a parked connection gives back hyper's state as well as its
+                // buffers.
+                let mut conn = Box::new(settings.http1.serve_connection(TokioIo::new(io), service));
+                let parked = ctx
+                    .drive(
+                        Pin::new(&mut *conn),
+                        |c| c.graceful_shutdown(),
+                        true,
+                        &mut shutdown,
+                    )
+                    .await;
+                if !parked {
                     return;
                 }
-                if activity.is_idle(settings.idle_timeout) {
-                    tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "idle connection closed (listen.idle_timeout)");
-                    conn.as_mut().graceful_shutdown();
-                    closing_deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                // Taken apart in a block of its own: the box, and hyper's read buffer behind
+                // `read_buf`, are freed here rather than when the loop comes round.
+                (io, service) = {
+                    let conn = conn;
+                    let parts = conn.into_parts();
+                    let mut io = parts.io.into_inner();
+                    // A copy: the leftover is a view into hyper's 8 KiB read buffer.
+                    io.prefix = Bytes::copy_from_slice(&parts.read_buf);
+                    (io, parts.service)
+                };
+                activity.parking.store(false, Ordering::Relaxed);
+                if io.prefix.is_empty() {
+                    let resumed = {
+                        let _parked = Parked::new(&metrics.connections_parked);
+                        ctx.wait_parked(&mut io, &mut shutdown).await
+                    };
+                    if !resumed {
+                        return;
+                    }
                 }
             }
         }
+    }
+}
+
+/// How long an HTTP/1.1 connection sits between requests before hyper's per-connection state and
+/// its two 8 KiB buffers are given back. Well past the gap between the requests of one enrolment
+/// or of a load test, so a busy connection is never parked; long before a device that keeps its
+/// connection open comes back, so an idle one costs little more than its TLS state.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// What a connection's driving loop needs from around it.
+struct ConnCtx<'a> {
+    activity: &'a Activity,
+    settings: &'a ListenerSettings,
+    metrics: &'a Metrics,
+    client: SocketAddr,
+}
+
+impl ConnCtx<'_> {
+    /// Runs one hyper connection to its end: closed by the client, by the idle timeout, or by
+    /// the drain. With `can_park`, a connection idle for [`PARK_AFTER`] is ended early, its
+    /// stream kept open: true then, and the caller takes the stream back.
+    async fn drive<C>(
+        &self,
+        mut conn: Pin<&mut C>,
+        graceful: fn(Pin<&mut C>),
+        can_park: bool,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool
+    where
+        C: std::future::Future<Output = hyper::Result<()>>,
+    {
+        let (activity, settings) = (self.activity, self.settings);
+        let park_after = can_park.then_some(PARK_AFTER);
+        // When a connection told to close is dropped, whatever it still has in flight.
+        let mut closing_deadline: Option<Instant> = None;
+        loop {
+            let wake = match closing_deadline {
+                Some(deadline) => deadline,
+                None => activity.next_check(settings.idle_timeout, park_after),
+            };
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        log_connection_error(&e, self.client, self.metrics, activity);
+                        return false;
+                    }
+                    return activity.parking.load(Ordering::Relaxed);
+                }
+                _ = shutdown.changed(), if closing_deadline.is_none() => {
+                    // HTTP/1.1: close after the response in flight; HTTP/2: GOAWAY, streams finish.
+                    graceful(conn.as_mut());
+                    closing_deadline = Some(Instant::now() + settings.drain_timeout);
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if closing_deadline.is_some() {
+                        tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection dropped after the close grace period");
+                        return false;
+                    }
+                    if activity.is_idle(settings.idle_timeout) {
+                        tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "idle connection closed (listen.idle_timeout)");
+                        graceful(conn.as_mut());
+                        closing_deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                    } else if can_park && activity.can_park(PARK_AFTER) {
+                        // hyper, idle between requests, next reads an end of stream and
+                        // finishes; the stream itself stays open (see ActivityIo).
+                        activity.parking.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits, holding no HTTP state, for the parked connection's next bytes: true when they have
+    /// come (they are in `io.prefix`), false when the connection is to end.
+    async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: &mut ActivityIo<T>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // One TLS record is decrypted whole whatever is asked for; the rest stays in rustls.
+        let mut first = [0u8; 64];
+        let deadline = self.activity.last() + self.settings.idle_timeout;
+        let why = tokio::select! {
+            read = io.read(&mut first) => match read {
+                Ok(n) if n > 0 => {
+                    io.prefix = Bytes::copy_from_slice(&first[..n]);
+                    return true;
+                }
+                // The client closed, or the stream failed: nothing is owed to it.
+                _ => return false,
+            },
+            _ = shutdown.changed() => "connection closed for the drain",
+            _ = tokio::time::sleep_until(deadline) => "idle connection closed (listen.idle_timeout)",
+        };
+        tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "{why}");
+        // close_notify, then the TCP close; a client that does not read it is not waited for.
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        false
+    }
+}
+
+/// A response body that keeps its request in flight until hyper has written it all or dropped it:
+/// a connection streaming an answer is neither idle nor to be parked.
+struct TrackedBody {
+    inner: GatewayBody,
+    _in_flight: InFlight,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -322,6 +472,22 @@ impl Drop for ClientSlot<'_> {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+/// Keeps `connections_parked` right however the wait ends.
+struct Parked<'a>(&'a prometheus::IntGauge);
+
+impl<'a> Parked<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Parked<'a> {
+        gauge.inc();
+        Parked(gauge)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -385,6 +551,10 @@ struct Activity {
     /// Bytes arrived since the last request head was complete: a header timeout then cut a
     /// request short, rather than closing a keep-alive connection that sat idle.
     partial_head: AtomicBool,
+    /// Set to end an idle HTTP/1.1 connection's hyper state while keeping its stream.
+    parking: AtomicBool,
+    /// Bytes handed to the stream since it last flushed: not a moment to park.
+    unflushed: AtomicBool,
 }
 
 impl Activity {
@@ -393,6 +563,8 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             partial_head: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+            unflushed: AtomicBool::new(false),
         };
         a.touch();
         a
@@ -413,16 +585,41 @@ impl Activity {
         self.in_flight.load(Ordering::Relaxed) == 0 && self.last().elapsed() >= timeout
     }
 
-    fn next_idle_check(&self, timeout: Duration) -> Instant {
+    /// Idle for `after`, between requests, with nothing half-read and nothing left to send.
+    fn can_park(&self, after: Duration) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.partial_head.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+            && !self.parking.load(Ordering::Relaxed)
+            && self.last().elapsed() >= after
+    }
+
+    /// When to look again: at the idle timeout, or sooner to park. A connection kept from
+    /// parking (a request in flight, a head half-read, an answer not yet flushed) is looked at
+    /// again a park interval later.
+    fn next_check(&self, timeout: Duration, park_after: Option<Duration>) -> Instant {
         let now = Instant::now();
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return now + timeout;
-        }
-        (self.last() + timeout).max(now + Duration::from_millis(10))
+        let park_at = match park_after {
+            Some(park) if !self.parking.load(Ordering::Relaxed) => {
+                let due = self.last() + park;
+                Some(if due > now { due } else { now + park })
+            }
+            _ => None,
+        };
+        let idle_at = if self.in_flight.load(Ordering::Relaxed) > 0 {
+            now + timeout
+        } else {
+            self.last() + timeout
+        };
+        let at = match park_at {
+            Some(p) if p < idle_at => p,
+            _ => idle_at,
+        };
+        at.max(now + Duration::from_millis(10))
     }
 }
 
-/// Counts a request in flight until its response head is handed back (or the request is dropped).
+/// Counts a request in flight until its response is written (or the request is dropped).
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
@@ -442,10 +639,13 @@ impl Drop for InFlight {
 }
 
 /// The client's TLS stream, noting bytes that arrive between requests, and giving hyper's own
-/// bodiless answers to oversized heads the gateway's text/plain reason.
+/// bodiless answers to oversized heads the gateway's text/plain reason. While parking it reads as
+/// an end of stream and its shutdown does nothing: hyper, idle, then ends without closing it.
 struct ActivityIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// Bytes read from `inner` that the next hyper connection reads first.
+    prefix: Bytes,
     /// A replacement response being written in place of hyper's, and how much of it is out.
     replacement: Option<(&'static [u8], usize)>,
 }
@@ -455,6 +655,7 @@ impl<T> ActivityIo<T> {
         ActivityIo {
             inner,
             activity,
+            prefix: Bytes::new(),
             replacement: None,
         }
     }
@@ -507,6 +708,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = buf.remaining().min(self.prefix.len());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        if self.activity.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -522,6 +731,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         if self.replacement.is_none() {
             if let Some(text) = replacement_for(buf) {
                 self.replacement = Some((text, 0));
@@ -556,6 +766,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
                 return self.poll_write(cx, only);
             }
         }
+        self.activity.unflushed.store(true, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -564,10 +775,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = poll {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        poll
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

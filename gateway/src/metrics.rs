@@ -34,6 +34,7 @@ pub struct Metrics {
     pub rejected_total: IntCounterVec,
     pub upstream_errors_total: IntCounterVec,
     pub connections_active: IntGauge,
+    pub connections_parked: IntGauge,
     pub connections_total: IntCounter,
     pub connections_refused_total: IntCounterVec,
     pub tls_handshake_failures_total: IntCounter,
@@ -91,6 +92,10 @@ impl Metrics {
         )?;
         let connections_active =
             IntGauge::new("connections_active", "Client connections open now.")?;
+        let connections_parked = IntGauge::new(
+            "connections_parked",
+            "Open HTTP/1.1 connections idle between requests with their HTTP state released.",
+        )?;
         let connections_total =
             IntCounter::new("connections_total", "Client connections accepted.")?;
         let connections_refused_total = IntCounterVec::new(
@@ -157,6 +162,7 @@ impl Metrics {
         registry.register(Box::new(rejected_total.clone()))?;
         registry.register(Box::new(upstream_errors_total.clone()))?;
         registry.register(Box::new(connections_active.clone()))?;
+        registry.register(Box::new(connections_parked.clone()))?;
         registry.register(Box::new(connections_total.clone()))?;
         registry.register(Box::new(connections_refused_total.clone()))?;
         registry.register(Box::new(tls_handshake_failures_total.clone()))?;
@@ -202,6 +208,7 @@ impl Metrics {
             rejected_total,
             upstream_errors_total,
             connections_active,
+            connections_parked,
             connections_total,
             connections_refused_total,
             tls_handshake_failures_total,
