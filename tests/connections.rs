@@ -221,3 +221,30 @@ async fn a_parked_connection_is_closed_by_the_idle_timeout_and_by_the_drain() {
         "the drain did not close the parked connection: {closed:?}"
     );
 }
+
+#[tokio::test]
+async fn connections_to_ndes_are_reused_until_their_idle_timeout() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let pki = Pki::new();
+    let upstream = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let mut config = gateway_config(&pki, upstream.addr, "", "");
+    config.upstream.pool_idle_timeout = Duration::from_millis(300);
+    let gw = ndes_gateway::Gateway::start(&config).await.unwrap();
+    let mut tls = tls_connect(gw.local_addr(), pki.root()).await;
+    let post = "POST /certsrv/mscep/mscep.dll?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-pki-message\r\nContent-Length: 4\r\n\r\nabcd";
+    for request in [KEEP_ALIVE, post, KEEP_ALIVE, post, KEEP_ALIVE] {
+        tls.write_all(request.as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut tls).await.status_line, "HTTP/1.1 200 OK");
+    }
+    assert_eq!(upstream.count(), 5);
+    assert_eq!(
+        upstream.connections.load(SeqCst),
+        1,
+        "sequential requests did not share one connection to NDES"
+    );
+    // Past upstream.pool_idle_timeout the idle connection is not used again.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tls.write_all(KEEP_ALIVE.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut tls).await.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(upstream.connections.load(SeqCst), 2);
+}

@@ -24,7 +24,7 @@ use crate::scep::{
     decode_get_message, fail_info_name, message_type_name, parse_pki_message, pki_status_name,
     PkiMessage, MAX_MESSAGE_BYTES,
 };
-use crate::upstream::{Upstream, UpstreamErrorKind};
+use crate::upstream::{Upstream, UpstreamBody, UpstreamErrorKind};
 
 pub type GatewayBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -378,7 +378,7 @@ impl Proxy {
     async fn read_cert_rep(
         &self,
         mut parts: http::response::Parts,
-        mut body: Incoming,
+        mut body: UpstreamBody,
         exchange: &mut ScepExchange,
         client: IpAddr,
     ) -> Response<GatewayBody> {
@@ -496,23 +496,25 @@ impl Proxy {
                     .to_owned(),
             allow: None,
         })?;
-        strip_hop_by_hop(&mut headers);
-        // What the client says about forwarding is not believed: the gateway is the edge.
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&X_FORWARDED_PROTO);
-        headers.remove(&FORWARDED);
-        // SCEP is anonymous over HTTP; credentials sent to the edge are not NDES's business, and
-        // connection-bound schemes (NTLM, Negotiate) over a shared pool would outlive the client.
-        headers.remove(header::AUTHORIZATION);
+        let post = method == Method::POST;
+        strip_headers(&mut headers, |name| {
+            // What the client says about forwarding is not believed: the gateway is the edge.
+            name == X_FORWARDED_FOR
+                || name == X_FORWARDED_PROTO
+                || name == FORWARDED
+                // SCEP is anonymous over HTTP; credentials sent to the edge are not NDES's
+                // business, and connection-bound schemes (NTLM, Negotiate) over a shared pool
+                // would outlive the client.
+                || name == header::AUTHORIZATION
+                || (!post && name == CONTENT_LENGTH)
+        });
         headers.insert(HOST, target.host_header.clone());
         if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-        if method == Method::POST {
+        if post {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        } else {
-            headers.remove(CONTENT_LENGTH);
         }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method.clone();
@@ -539,7 +541,7 @@ fn reject(rejection: Rejection, client: IpAddr, outcome: &mut Outcome) -> Respon
 /// An answer whose first bytes were read already, then the rest as it comes.
 struct HeldThenRest {
     held: Option<Bytes>,
-    rest: Incoming,
+    rest: UpstreamBody,
 }
 
 impl Body for HeldThenRest {
@@ -589,6 +591,12 @@ pub fn text_response(
 /// Removes the headers that belong to one hop (RFC 9110 §7.6.1), including any the Connection
 /// header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_headers(headers, |_| false);
+}
+
+/// The hop-by-hop headers (RFC 9110 §7.6.1) and those `also` picks, removed after one pass over
+/// the names: most messages carry none, and a removal by name hashes it.
+fn strip_headers(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -596,10 +604,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || named.contains(name) || also(name))
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
-    for name in [
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -609,9 +625,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &header::UPGRADE,
         &header::PROXY_AUTHENTICATE,
         &header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
+    ]
+    .contains(&name)
 }
 
 #[cfg(test)]

@@ -3,23 +3,21 @@
 //! keep-alive, HTTP/1.1 (what IIS speaks to a proxy).
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::{
@@ -307,11 +305,10 @@ impl UpstreamTarget {
             pq.push('?');
             pq.push_str(q);
         }
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(Bytes::from(pq)).ok()?);
-        Uri::from_parts(parts).ok()
+        // Origin form: the request line carries the path, the Host header the name.
+        Some(Uri::from(
+            PathAndQuery::from_maybe_shared(Bytes::from(pq)).ok()?,
+        ))
     }
 
     /// The same, sharing the client's bytes when its path is already the upstream's (the usual
@@ -323,13 +320,7 @@ impl UpstreamTarget {
             && path.starts_with(self.base_path.as_str())
             && path.ends_with(suffix);
         match client.path_and_query() {
-            Some(pq) if same => {
-                let mut parts = http::uri::Parts::default();
-                parts.scheme = Some(self.scheme.clone());
-                parts.authority = Some(self.authority.clone());
-                parts.path_and_query = Some(pq.clone());
-                Uri::from_parts(parts).ok()
-            }
+            Some(pq) if same => Some(Uri::from(pq.clone())),
             _ => self.uri_for(suffix, client.query()),
         }
     }
@@ -380,12 +371,6 @@ fn client_config(c: &UpstreamConfig, seen: SeenLeaf) -> Result<Arc<ClientConfig>
 pub enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl AsyncRead for UpstreamStream {
@@ -447,45 +432,29 @@ impl AsyncWrite for UpstreamStream {
 }
 
 /// Dials NDES for the pool: TCP with a timeout, then TLS with the configured name as SNI.
-#[derive(Clone)]
-pub struct UpstreamConnector {
+struct UpstreamConnector {
     tls: Option<TlsConnector>,
     server_name: ServerName<'static>,
+    authority: Authority,
     connect_timeout: Duration,
 }
 
-type ConnectFuture =
-    Pin<Box<dyn Future<Output = Result<TokioIo<UpstreamStream>, UpstreamError>> + Send>>;
-
-impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<UpstreamStream>;
-    type Error = UpstreamError;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(uri).await.map(TokioIo::new) })
-    }
-}
-
 impl UpstreamConnector {
-    async fn connect(self, uri: Uri) -> Result<UpstreamStream, UpstreamError> {
+    async fn connect(&self) -> Result<UpstreamStream, UpstreamError> {
         let connect_err = |message: String| UpstreamError {
             kind: UpstreamErrorKind::Connect,
             message,
         };
-        let host = uri
+        let host = self
+            .authority
             .host()
-            .unwrap_or("")
             .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+            .trim_end_matches(']');
         let https = self.tls.is_some();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let timed_out = || UpstreamError {
             kind: UpstreamErrorKind::Timeout,
@@ -494,7 +463,7 @@ impl UpstreamConnector {
             ),
         };
         let addrs: Vec<SocketAddr> =
-            tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port)))
+            tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
                 .await
                 .map_err(|_| timed_out())?
                 .map_err(|e| connect_err(format!("resolving {host}: {e}")))?
@@ -514,13 +483,141 @@ impl UpstreamConnector {
         let tcp = tcp.ok_or(last)?;
         // Small writes (a request head) must not wait for Nagle's timer.
         let _ = tcp.set_nodelay(true);
-        let Some(tls) = self.tls else {
+        let Some(tls) = &self.tls else {
             return Ok(UpstreamStream::Plain(tcp));
         };
         match tokio::time::timeout_at(deadline, tls.connect(self.server_name.clone(), tcp)).await {
             Err(_) => Err(timed_out()),
             Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
             Ok(Err(e)) => Err(classify_tls_error(&e)),
+        }
+    }
+}
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+/// Keep-alive HTTP/1.1 connections to NDES, idle ones on a stack: the most recently used is taken
+/// first, so a few warm connections carry the load and the rest age out. One NDES, one pool: no
+/// key to hash per request. A connection goes back on the stack when its answer has been read to
+/// the end, and is closed otherwise.
+struct Pool {
+    connector: UpstreamConnector,
+    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl Pool {
+    fn new(connector: UpstreamConnector, c: &UpstreamConfig) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            connector,
+            idle: Mutex::new(Vec::new()),
+            idle_timeout: c.pool_idle_timeout,
+            max_idle: c.pool_max_idle,
+        });
+        // Closes connections idle past the timeout even when no request comes to notice them;
+        // ends with the pool (a reload replaces it).
+        let weak: Weak<Pool> = Arc::downgrade(&pool);
+        let every = (c.pool_idle_timeout / 2).max(Duration::from_millis(100));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    pool.lock()
+                        .retain(|(_, since)| since.elapsed() < pool.idle_timeout);
+                }
+            });
+        }
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+        // A poisoned lock only means a panic elsewhere mid-push; the stack is still whole.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection ready for a request, or a new one.
+    async fn checkout(&self) -> Result<Sender, UpstreamError> {
+        loop {
+            let popped = self.lock().pop();
+            let Some((mut sender, since)) = popped else {
+                break;
+            };
+            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            // Put back the instant its answer ended, it may not have told it wants the next
+            // request yet; it does as soon as its task runs.
+            if sender.is_ready() || sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        let stream = self.connector.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError {
+                kind: UpstreamErrorKind::Protocol,
+                message: format!("starting HTTP/1.1: {e}"),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(target: "ndes_gateway::upstream", error = %e, "connection to NDES ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn put(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push((sender, Instant::now()));
+        }
+    }
+}
+
+/// NDES's answer body; the connection goes back to the pool once it has been read to the end.
+pub struct UpstreamBody {
+    inner: Incoming,
+    back_to: Option<(Sender, Arc<Pool>)>,
+    done: bool,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = poll {
+            self.done = true;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // An answer not read to the end leaves the connection mid-message: it is closed.
+        if self.done || self.inner.is_end_stream() {
+            if let Some((sender, pool)) = self.back_to.take() {
+                pool.put(sender);
+            }
         }
     }
 }
@@ -564,14 +661,12 @@ impl Answer {
     }
 }
 
-pub type UpstreamClient = Client<UpstreamConnector, Full<Bytes>>;
-
 /// The pool and its settings; one per gateway.
 pub struct Upstream {
     pub target: UpstreamTarget,
     /// Replaced whole when the trust settings are reloaded, so no pooled connection made under
     /// the old CA or pins is used again; requests already sent finish on the old one.
-    client: std::sync::RwLock<UpstreamClient>,
+    pool: std::sync::RwLock<Arc<Pool>>,
     config: UpstreamConfig,
     response_timeout: Duration,
     /// Requests to NDES at once: bounds the connections opened to it and the bodies held
@@ -583,10 +678,10 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(target: UpstreamTarget, c: &UpstreamConfig) -> Upstream {
-        let client = Self::client(&target, c);
+        let pool = Self::pool(&target, c);
         Upstream {
             target,
-            client: std::sync::RwLock::new(client),
+            pool: std::sync::RwLock::new(pool),
             config: c.clone(),
             response_timeout: c.response_timeout,
             in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
@@ -595,22 +690,14 @@ impl Upstream {
         }
     }
 
-    fn client(target: &UpstreamTarget, c: &UpstreamConfig) -> UpstreamClient {
+    fn pool(target: &UpstreamTarget, c: &UpstreamConfig) -> Arc<Pool> {
         let connector = UpstreamConnector {
             tls: target.tls.clone().map(TlsConnector::from),
             server_name: target.server_name.clone(),
+            authority: target.authority.clone(),
             connect_timeout: c.connect_timeout,
         };
-        Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(c.pool_idle_timeout)
-            .pool_max_idle_per_host(c.pool_max_idle)
-            // A PKIOperation is never sent twice: a resent PKCSReq can burn a one-time challenge or
-            // hit "DN already exists". Stale pooled connections are avoided by the idle timeout.
-            .retry_canceled_requests(false)
-            .set_host(false)
-            .build(connector)
+        Pool::new(connector, c)
     }
 
     /// Reads `upstream.ca` and the pins again (the URL and name stay): a CA file that does not
@@ -624,9 +711,9 @@ impl Upstream {
             tls: Some(tls),
             ..self.target.clone()
         };
-        let client = Self::client(&target, &self.config);
+        let pool = Self::pool(&target, &self.config);
         // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
-        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
         Ok(())
     }
 
@@ -644,7 +731,7 @@ impl Upstream {
         &self,
         suffix: &str,
         query: Option<&str>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let uri = self
             .target
             .uri_for(suffix, query)
@@ -685,11 +772,13 @@ impl Upstream {
         })
     }
 
-    /// Sends one request and waits for the response head, within the response timeout.
+    /// Sends one request and waits for the response head, within the response timeout. A
+    /// request is never sent twice (a resent PKCSReq can burn a one-time challenge or hit "DN
+    /// already exists"); stale pooled connections are avoided by the idle timeout.
     pub async fn send(
         &self,
         req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         // Held until the response head is back; the body that follows is small and streams.
         let _slot = match tokio::time::timeout(self.queue_timeout, self.in_flight.acquire()).await {
             Ok(Ok(slot)) => slot,
@@ -703,12 +792,20 @@ impl Upstream {
                 })
             }
         };
-        let client = self
-            .client
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
+        let pool = self.pool.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let exchange = async {
+            let mut sender = pool.checkout().await?;
+            let resp = sender.send_request(req).await.map_err(|e| UpstreamError {
+                kind: UpstreamErrorKind::Protocol,
+                message: error_chain(&e),
+            })?;
+            Ok(resp.map(|inner| UpstreamBody {
+                inner,
+                back_to: Some((sender, pool.clone())),
+                done: false,
+            }))
+        };
+        match tokio::time::timeout(self.response_timeout, exchange).await {
             Err(_) => Err(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
                 message: format!(
@@ -716,36 +813,19 @@ impl Upstream {
                     humantime::format_duration(self.response_timeout)
                 ),
             }),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify_client_error(&e)),
+            Ok(result) => result,
         }
     }
 }
 
-fn classify_client_error(e: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(ours) = s.downcast_ref::<UpstreamError>() {
-            return UpstreamError {
-                kind: ours.kind,
-                message: ours.message.clone(),
-            };
-        }
-        source = s.source();
-    }
+/// An error and its sources, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         message.push_str(": ");
         message.push_str(&s.to_string());
         source = s.source();
     }
-    UpstreamError {
-        kind: if e.is_connect() {
-            UpstreamErrorKind::Connect
-        } else {
-            UpstreamErrorKind::Protocol
-        },
-        message,
-    }
+    message
 }

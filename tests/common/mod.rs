@@ -49,6 +49,8 @@ pub struct Upstream {
     /// The gateway's own requests (readiness probe, certificate watch), kept apart from what
     /// clients sent.
     pub probes: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -84,6 +86,8 @@ impl Upstream {
         let probes2 = probes.clone();
         let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let arrived2 = arrived.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let connections2 = connections.clone();
         let acceptor = tls.map(|(cert, key)| {
             let chain: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(cert.as_bytes())
@@ -104,6 +108,7 @@ impl Upstream {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                connections2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = seen2.clone();
                 let probes = probes2.clone();
                 let arrived = arrived2.clone();
@@ -162,6 +167,7 @@ impl Upstream {
             seen,
             arrived,
             probes,
+            connections,
             task,
         }
     }
