@@ -50,7 +50,10 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Below IIS's 120 s connectionTimeout, so the gateway drops an idle upstream connection before
 /// IIS does and never sends a request onto a connection that is being closed.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-pub const POOL_MAX_IDLE: usize = 64;
+/// As many as may be in flight: a burst that opened them is not followed by closing and reopening
+/// connections (each a TLS handshake on NDES) while the load stays; the idle timeout closes them
+/// once it has passed.
+pub const POOL_MAX_IDLE: usize = 256;
 /// Microsoft's sizing guide puts one NDES server at about 300 concurrent requests.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// The admin listener stays on the host unless the operator moves it to the management network.
