@@ -8,7 +8,7 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use cms::cert::CertificateChoices;
 use cms::content_info::ContentInfo;
-use cms::signed_data::SignedData;
+use cms::signed_data::{SignedData, SignerInfos};
 use der::asn1::{ObjectIdentifier, OctetStringRef, PrintableStringRef};
 use der::{Decode, Encode};
 use x509_cert::Certificate;
@@ -83,9 +83,10 @@ pub struct PkiMessage {
 /// Reads a pkiMessage: CMS SignedData whose first signer carries the SCEP attributes. The
 /// enveloped inner content is not opened (the gateway holds no CA or RA key).
 pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
-    let signed = signed_data(der)?;
-    let signer = signed
-        .signer_infos
+    let signer_infos = content_info(der, |signed| {
+        signer_infos(signed).map_err(|_| ScepError("malformed CMS SignedData"))
+    })?;
+    let signer = signer_infos
         .0
         .as_slice()
         .first()
@@ -138,7 +139,11 @@ pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
     Ok(msg)
 }
 
-fn signed_data(input: &[u8]) -> Result<SignedData, ScepError> {
+/// The SignedData of a CMS ContentInfo, handed to `read` as its DER encoding.
+fn content_info<T>(
+    input: &[u8],
+    read: impl FnOnce(&der::asn1::Any) -> Result<T, ScepError>,
+) -> Result<T, ScepError> {
     if input.len() > MAX_MESSAGE_BYTES {
         return Err(ScepError("larger than any SCEP message"));
     }
@@ -153,9 +158,37 @@ fn signed_data(input: &[u8]) -> Result<SignedData, ScepError> {
     if info.content_type != ID_SIGNED_DATA {
         return Err(ScepError("not CMS SignedData"));
     }
-    info.content
-        .decode_as::<SignedData>()
-        .map_err(|_| ScepError("malformed CMS SignedData"))
+    read(&info.content)
+}
+
+fn signed_data(input: &[u8]) -> Result<SignedData, ScepError> {
+    content_info(input, |signed| {
+        signed
+            .decode_as::<SignedData>()
+            .map_err(|_| ScepError("malformed CMS SignedData"))
+    })
+}
+
+/// The signerInfos of a SignedData (RFC 5652 §5.1), the fields before them skipped unparsed: the
+/// SCEP attributes are all there, and parsing the certificates a device sends along cost more
+/// than everything else the gateway does for a request.
+fn signer_infos(signed: &der::asn1::Any) -> der::Result<SignerInfos> {
+    use der::asn1::AnyRef;
+    use der::{Reader, SliceReader, Tag, Tagged};
+    if signed.tag() != Tag::Sequence {
+        return Err(der::Tag::Sequence.value_error());
+    }
+    let mut r = SliceReader::new(signed.value())?;
+    // version, digestAlgorithms, encapContentInfo
+    for _ in 0..3 {
+        AnyRef::decode(&mut r)?;
+    }
+    // certificates [0] and crls [1], when present
+    while matches!(r.peek_tag()?, Tag::ContextSpecific { .. }) {
+        AnyRef::decode(&mut r)?;
+    }
+    let infos = SignerInfos::decode(&mut r)?;
+    r.finish(infos)
 }
 
 /// How deep BER nesting may go: a pkiMessage nests about ten levels; past this it is hostile.
