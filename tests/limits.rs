@@ -234,7 +234,7 @@ async fn the_bare_scep_path_is_forwarded_for_the_403_check() {
 async fn forwarding_headers_are_set_by_the_gateway_and_hop_by_hop_ones_dropped() {
     let s = Setup::new().await;
     let req = format!(
-        "GET {SCEP}?operation=GetCACaps HTTP/1.1\r\nHost: scep.example.test\r\nX-Forwarded-For: 6.6.6.6\r\nAuthorization: NTLM TlRMTVNTUAABAAAA\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nUser-Agent: Mozilla/4.0 (compatible; Win32; NDES client)\r\n\r\n"
+        "GET {SCEP}?operation=GetCACaps HTTP/1.1\r\nHost: scep.example.test\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\nAuthorization: NTLM TlRMTVNTUAABAAAA\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nUser-Agent: Mozilla/4.0 (compatible; Win32; NDES client)\r\n\r\n"
     );
     assert_eq!(s.raw(req.as_bytes()).await.status_line, "HTTP/1.1 200 OK");
     let h = s.upstream.last().headers;
@@ -243,6 +243,9 @@ async fn forwarding_headers_are_set_by_the_gateway_and_hop_by_hop_ones_dropped()
     assert_eq!(h.get("host").unwrap(), "ndes.corp.test");
     assert!(h.get("x-hop").is_none());
     assert!(h.get("authorization").is_none());
+    assert!(h.get("forwarded").is_none());
+    assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
     assert_eq!(
         h.get("user-agent").unwrap(),
         "Mozilla/4.0 (compatible; Win32; NDES client)"
