@@ -4,7 +4,7 @@
   ports N                       N distinct free loopback TCP ports
   wait-ready URL SECONDS        until URL answers 200
   pkcsreq SCEP_URL OUT SIZE     record a real scepclient PKCSReq body of about SIZE bytes
-  long-target PATH LEN          a PKIOperation GET request-target of exactly LEN bytes
+  long-target PATH DER          a PKIOperation GET request-target carrying DER as iOS sends it
   preflight NAME URL TARGET...  one request of each kind must get 200
   h2sum OUT LOG                 summarise an h2load run (its output and its --log-file)
   idle ...                      hold N idle TLS connections and read the proxy's memory
@@ -161,11 +161,11 @@ def cmd_pkcsreq(a):
 
 
 def cmd_long_target(a):
-    prefix = f"{a.path}?operation=PKIOperation&message="
-    need = a.length - len(prefix)
-    rnd = random.Random(62)
-    msg = base64.b64encode(rnd.randbytes(need)).decode()[:need]
-    print(prefix + msg)
+    # Standard base64 with `+` and `/` left raw, as iOS sends it (the peers and the stand-in pass
+    # the query through unchanged either way).
+    with open(a.der, "rb") as f:
+        der = f.read()
+    print(f"{a.path}?operation=PKIOperation&message={base64.b64encode(der).decode()}")
 
 
 def cmd_preflight(a):
@@ -368,6 +368,17 @@ def load_runs(d):
             with open(rss) as f:
                 v = f.read().strip()
             res["rss_peak_kib"] = int(v) if v else None
+        cpu = os.path.join(d, f"{w}.{t}.{r}.cpu")
+        requests = res.get("requests", res.get("done"))
+        if os.path.exists(cpu) and requests:
+            with open(cpu) as f:
+                v = [int(x) for x in f.read().split()]
+            if len(v) == 9:
+                u0, s0, su0, ss0, u1, s1, su1, ss1, hz = v
+                per = 1e6 / hz / requests
+                res["cpu_user_us"] = (u1 - u0) * per
+                res["cpu_sys_us"] = (s1 - s0) * per
+                res["standin_cpu_us"] = (su1 - su0 + ss1 - ss0) * per
         runs.setdefault(w, {}).setdefault(t, []).append(res)
     return runs
 
@@ -417,7 +428,7 @@ def cmd_report(a):
     md.append(
         f"{meta.get('date', '')}, {meta.get('cpus', '?')} CPUs, kernel {meta.get('kernel', '?')}; "
         f"{meta.get('rounds', '?')} interleaved round(s), medians; wrk -t{meta.get('threads', '?')} "
-        f"-c{meta.get('connections', '?')} -d{meta.get('duration', '?')}s; "
+        f"-c{meta.get('connections', '?')} -d{meta.get('duration', '?')}s (-t{meta.get('tls_threads', '?')} for (d)); "
         f"h2load -c{meta.get('connections', '?')} -m4 -D{meta.get('duration', '?')}; "
         f"{meta.get('enrol', '?')} enrolments {meta.get('enrol_parallel', '?')} at a time; "
         f"{meta.get('idle', '?')} idle connections. Total time {meta.get('elapsed', '?')}; "
@@ -447,6 +458,9 @@ def cmd_report(a):
                 "non2xx": sum(r.get("non2xx", 0) or 0 for r in rs),
                 "rss_peak_kib": med([r.get("rss_peak_kib") for r in rs]),
                 "rounds": [r.get("rps") for r in rs],
+                "cpu_user_us": med([r.get("cpu_user_us") for r in rs]),
+                "cpu_sys_us": med([r.get("cpu_sys_us") for r in rs]),
+                "standin_cpu_us": med([r.get("standin_cpu_us") for r in rs]),
                 "notes": sorted({r["note"] for r in rs if r.get("note")}
                                 | {f for r in rs for f in r.get("failures", [])}),
             }
@@ -458,6 +472,24 @@ def cmd_report(a):
             md.append(f"| {label} | {t} | {fmt_rate(v['rate'])} | {fmt_ms(v['p50_us'])} | {fmt_ms(v['p99_us'])} | "
                       f"{errs} | {fmt_mib(v['rss_peak_kib'])} | {fmt_ratio(v['vs_nginx'])} | {fmt_ratio(v['vs_direct'])} | {rounds} |")
         out["workloads"][w] = {"label": label, "targets": per, "runs": runs[w]}
+    cpu_rows = []
+    for w, label in WORKLOADS:
+        for t, v in out["workloads"].get(w, {}).get("targets", {}).items():
+            if v.get("cpu_user_us") is None:
+                continue
+            user, sys_ = v["cpu_user_us"], v["cpu_sys_us"]
+            # For direct the target is the stand-in: one figure, in the stand-in column.
+            own = "– | – | –" if t == "direct" else f"{user + sys_:.0f} | {user:.0f} | {sys_:.0f}"
+            cpu_rows.append(f"| {label} | {t} | {own} | {v['standin_cpu_us']:.0f} |")
+    if cpu_rows:
+        md.append("")
+        md.append("CPU time per request (microseconds, medians; from /proc, user and system time of the "
+                  "target's processes and of the stand-in during each run; the load generator shares the "
+                  "machine and is not counted). On a machine this size the request rate follows the sum.")
+        md.append("")
+        md.append("| workload | target | proxy | user | system | stand-in |")
+        md.append("|---|---|---|---|---|---|")
+        md.extend(cpu_rows)
     if "idle" in runs:
         md.append("")
         md.append(f"(f) {meta.get('idle', '?')} idle TLS connections, one GetCACaps each, then held; each round "
@@ -555,7 +587,7 @@ def main():
     s.set_defaults(f=cmd_pkcsreq)
     s = sub.add_parser("long-target")
     s.add_argument("path")
-    s.add_argument("length", type=int)
+    s.add_argument("der")
     s.set_defaults(f=cmd_long_target)
     s = sub.add_parser("preflight")
     s.add_argument("name")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark on loopback: the gateway, nginx and HAProxy publishing the same NDES
-# stand-in (nginx with TLS: a static answer at /bench/mscep.dll, micromdm scepserver behind
-# /certsrv/mscep/mscep.dll), and the stand-in itself ("direct", the limit no proxy can beat).
+# stand-in (nginx with TLS: on one port a static answer at every path, on another micromdm
+# scepserver behind /certsrv/mscep/mscep.dll), and the stand-in itself ("direct", the limit no
+# proxy can beat). Every target is asked for /certsrv/mscep/mscep.dll, the path a real NDES has.
 #
 #   bash tests/bench/run.sh
 #
@@ -10,6 +11,7 @@
 #   BENCH_DIR             run folder (default: a new folder under /tmp)
 #   BENCH_QUICK=1         smoke run: 1 round, 2 s runs, 500 idle connections, 8 enrolments
 #   BENCH_ROUNDS (3), BENCH_DURATION (5 s), BENCH_CONNECTIONS (32), BENCH_THREADS (1),
+#   BENCH_TLS_THREADS (wrk threads for a new TLS connection per request: 2),
 #   BENCH_IDLE (10000), BENCH_ENROL (40), BENCH_ENROL_PARALLEL (4)
 #   BENCH_WORKLOADS       a subset of: getcacaps long_get post new_tls h2 enrol idle
 #   BENCH_GATEWAY_LOG     the gateway's log filter (default: no per-request lines, as the peers
@@ -29,10 +31,11 @@ if [[ ${BENCH_QUICK:-0} == 1 ]]; then
 else
   ROUNDS=${BENCH_ROUNDS:-3} DURATION=${BENCH_DURATION:-5} IDLE=${BENCH_IDLE:-10000} ENROL=${BENCH_ENROL:-40}
 fi
-CONNS=${BENCH_CONNECTIONS:-32} THREADS=${BENCH_THREADS:-1} ENROL_PARALLEL=${BENCH_ENROL_PARALLEL:-4}
+CONNS=${BENCH_CONNECTIONS:-32} THREADS=${BENCH_THREADS:-1} TLS_THREADS=${BENCH_TLS_THREADS:-2}
+ENROL_PARALLEL=${BENCH_ENROL_PARALLEL:-4}
 WORKLOADS=${BENCH_WORKLOADS:-getcacaps long_get post new_tls h2 enrol idle}
 GATEWAY_LOG=${BENCH_GATEWAY_LOG:-info,ndes_gateway::access=off,ndes_gateway::scep=warn,rustls=error}
-LONG_TARGET_BYTES=63488   # 62 KiB, under the 65534 that IIS, the gateway and the peers are set to
+LONG_TARGET_BYTES=63488   # about 62 KiB, under the 65534 that IIS, the gateway and the peers are set to
 POST_BODY_BYTES=3800
 TARGETS=(gateway nginx haproxy direct)
 PROXIES=(gateway nginx haproxy)
@@ -98,10 +101,13 @@ fi
 [[ -d depot ]] || scepserver ca -init -depot depot >/dev/null 2>&1
 
 # ---- configs ----------------------------------------------------------------------------------
-read -r SCEP_PORT UPSTREAM_PORT NGINX_PORT HAPROXY_PORT GW_PORT GW_ADMIN GWE_PORT GWE_ADMIN < <(bench ports 8)
+read -r SCEP_PORT STATIC_PORT UPSTREAM_PORT NGINX_PORT NGINX_ENROL_PORT HAPROXY_PORT HAPROXY_ENROL_PORT \
+  GW_PORT GW_ADMIN GWE_PORT GWE_ADMIN < <(bench ports 11)
 render() { # template output [extra sed expressions]
   local in=$1 out=$2; shift 2
   sed -e "s|@DIR@|$dir|g; s|@SCEP_PORT@|$SCEP_PORT|g; s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
+    -e "s|@STATIC_PORT@|$STATIC_PORT|g; s|@NGINX_ENROL_PORT@|$NGINX_ENROL_PORT|g" \
+    -e "s|@HAPROXY_ENROL_PORT@|$HAPROXY_ENROL_PORT|g" \
     -e "s|@NGINX_PORT@|$NGINX_PORT|g; s|@HAPROXY_PORT@|$HAPROXY_PORT|g; s|@MAXCONN@|$maxconn|g" \
     -e "s|@WORKER_CONNECTIONS@|$maxconn|g; s|@NOFILE@|$nofile|g; s|@LOG_LEVEL@|$GATEWAY_LOG|g" \
     "$@" "$here/$in" > "$dir/$out"
@@ -109,8 +115,8 @@ render() { # template output [extra sed expressions]
 render upstream-nginx.conf.in upstream-nginx.conf
 render peer-nginx.conf.in peer-nginx.conf
 render peer-haproxy.cfg.in peer-haproxy.cfg
-render gateway.toml.in gateway.toml -e "s|@LISTEN_PORT@|$GW_PORT|; s|@ADMIN_PORT@|$GW_ADMIN|; s|@UPSTREAM_PATH@|/bench/mscep.dll|"
-render gateway.toml.in gateway-enrol.toml -e "s|@LISTEN_PORT@|$GWE_PORT|; s|@ADMIN_PORT@|$GWE_ADMIN|; s|@UPSTREAM_PATH@|/certsrv/mscep/mscep.dll|"
+render gateway.toml.in gateway.toml -e "s|@LISTEN_PORT@|$GW_PORT|; s|@ADMIN_PORT@|$GW_ADMIN|; s|@NDES_PORT@|$STATIC_PORT|"
+render gateway.toml.in gateway-enrol.toml -e "s|@LISTEN_PORT@|$GWE_PORT|; s|@ADMIN_PORT@|$GWE_ADMIN|; s|@NDES_PORT@|$UPSTREAM_PORT|"
 "$gateway_bin" check --config gateway.toml > gateway-check.txt
 "$gateway_bin" check --config gateway-enrol.toml > gateway-enrol-check.txt
 
@@ -138,8 +144,9 @@ start nginx nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/peer-nginx.conf" 
 start haproxy haproxy -db -f "$dir/peer-haproxy.cfg"
 start gateway "$gateway_bin" serve --config "$dir/gateway.toml"
 start gateway-enrol "$gateway_bin" serve --config "$dir/gateway-enrol.toml"
-wait_port scepserver "$SCEP_PORT"; wait_port upstream "$UPSTREAM_PORT"; wait_port nginx "$NGINX_PORT"
-wait_port haproxy "$HAPROXY_PORT"
+wait_port scepserver "$SCEP_PORT"; wait_port upstream "$STATIC_PORT"; wait_port upstream "$UPSTREAM_PORT"
+wait_port nginx "$NGINX_PORT"; wait_port nginx "$NGINX_ENROL_PORT"
+wait_port haproxy "$HAPROXY_PORT"; wait_port haproxy "$HAPROXY_ENROL_PORT"
 # /healthz rather than a probe of the TLS port, which the gateway would count as a failed handshake.
 bench wait-ready "http://127.0.0.1:$GW_ADMIN/healthz" 30
 bench wait-ready "http://127.0.0.1:$GWE_ADMIN/healthz" 30
@@ -160,22 +167,26 @@ mem_pids[nginx]=$(workers "$pid_nginx")
 mem_pids[haproxy]=$pid_haproxy
 mem_pids[direct]=$(workers "$pid_upstream")
 mem_pids[gateway-enrol]=$pid_gateway_enrol
-port=([gateway]=$GW_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [direct]=$UPSTREAM_PORT)
-# The gateway publishes the SCEP path and maps it onto /bench/mscep.dll; the peers pass paths
-# through, so they are asked for /bench/mscep.dll itself.
+port=([gateway]=$GW_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [direct]=$STATIC_PORT)
+declare -A enrol_port=([gateway]=$GWE_PORT [nginx]=$NGINX_ENROL_PORT [haproxy]=$HAPROXY_ENROL_PORT [direct]=$UPSTREAM_PORT)
 for t in "${TARGETS[@]}"; do
-  if [[ $t == gateway ]]; then url[$t]=https://127.0.0.1:${port[$t]}/certsrv/mscep/mscep.dll
-  else url[$t]=https://127.0.0.1:${port[$t]}/bench/mscep.dll; fi
-  enrol_url[$t]=https://127.0.0.1:${port[$t]}/certsrv/mscep/mscep.dll
+  url[$t]=https://127.0.0.1:${port[$t]}/certsrv/mscep/mscep.dll
+  enrol_url[$t]=https://127.0.0.1:${enrol_port[$t]}/certsrv/mscep/mscep.dll
 done
-enrol_url[gateway]=https://127.0.0.1:$GWE_PORT/certsrv/mscep/mscep.dll
 
 bench pkcsreq "http://127.0.0.1:$SCEP_PORT/scep" "$dir/pkcsreq.der" "$POST_BODY_BYTES" > "$dir/pkcsreq.size"
-declare -A long_target
+# The long GET carries a real PKCSReq too, its challenge grown until the request-target is about
+# LONG_TARGET_BYTES, so the gateway's SCEP inspection reads a whole genuine message.
+path=/certsrv/mscep/mscep.dll
+prefix_bytes=$(printf %s "$path?operation=PKIOperation&message=" | wc -c)
+bench pkcsreq "http://127.0.0.1:$SCEP_PORT/scep" "$dir/pkcsreq-long.der" \
+  $(((LONG_TARGET_BYTES - prefix_bytes) * 3 / 4)) > /dev/null
+long_target=$(bench long-target "$path" "$dir/pkcsreq-long.der")
+if ((${#long_target} > 65534)); then
+  echo "the long request-target is ${#long_target} bytes, over 65534" >&2; exit 1
+fi
 for t in "${TARGETS[@]}"; do
-  path=${url[$t]#https://127.0.0.1:${port[$t]}}
-  long_target[$t]=$(bench long-target "$path" "$LONG_TARGET_BYTES")
-  bench preflight "$t" "${url[$t]}" "${long_target[$t]}" "$dir/pkcsreq.der"
+  bench preflight "$t" "${url[$t]}" "$long_target" "$dir/pkcsreq.der"
 done
 
 # ---- runs -------------------------------------------------------------------------------------
@@ -222,16 +233,29 @@ sample_rss() { # out pid,pid...: the peak sum of VmRSS, every 0.5 s
     sleep 0.5
   done
 }
-measure() { # workload target round command...: the command's output and the target's peak memory
+cpu_ticks() { # pid,pid...: user and system clock ticks, summed over the processes and their threads
+  local user=0 sys=0 p st f
+  IFS=, read -ra ps <<< "$1"
+  for p in "${ps[@]}"; do
+    st=$(< "/proc/$p/stat") 2>/dev/null || continue
+    read -ra f <<< "${st##*) }" # the fields after the command name, which may hold spaces
+    user=$((user + f[11])) sys=$((sys + f[12]))
+  done
+  echo "$user $sys"
+}
+measure() { # workload target round command...: the command's output, the target's peak memory,
+  # and the CPU time the target and the stand-in spent during the run
   local w=$1 t=$2 r=$3; shift 3
-  local base=$runs/$w.$t.$r mem=${mem_pids[$t]}
+  local base=$runs/$w.$t.$r mem=${mem_pids[$t]} standin=${mem_pids[direct]} before
   [[ $w == enrol && $t == gateway ]] && mem=${mem_pids[gateway-enrol]}
+  before="$(cpu_ticks "$mem") $(cpu_ticks "$standin")"
   sample_rss "$base.rss" "$mem" & sampler_pid=$!
   "$@" > "$base.out" 2>&1 & load_pid=$!
   wait "$load_pid" || echo "  $w $t round $r: exit $?" >&2
   load_pid=
   kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true
   sampler_pid=
+  echo "$before $(cpu_ticks "$mem") $(cpu_ticks "$standin") $(getconf CLK_TCK)" > "$base.cpu"
 }
 wrk_run() { # workload target round url [wrk options]
   local w=$1 t=$2 r=$3 u=$4; shift 4
@@ -247,9 +271,11 @@ run_one() { # workload target round
   local w=$1 t=$2 r=$3
   case $w in
     getcacaps) wrk_run "$@" "${url[$t]}?operation=GetCACaps" ;;
-    long_get) wrk_run "$@" "https://127.0.0.1:${port[$t]}${long_target[$t]}" ;;
+    long_get) wrk_run "$@" "https://127.0.0.1:${port[$t]}$long_target" ;;
     post) BENCH_BODY=$dir/pkcsreq.der wrk_run "$@" "${url[$t]}?operation=PKIOperation" ;;
-    new_tls) wrk_run "$@" "${url[$t]}?operation=GetCACaps" -H "Connection: close" ;;
+    # A TLS client's handshake costs more than a server's, so one wrk thread would saturate its core
+    # before the proxies do and cap every target at the same rate.
+    new_tls) THREADS=$TLS_THREADS wrk_run "$@" "${url[$t]}?operation=GetCACaps" -H "Connection: close" ;;
     h2) h2_run "$@" ;;
     idle)
       restart "$t"
@@ -291,11 +317,12 @@ elapsed=$(($(date +%s) - started))
   echo "duration=$DURATION"
   echo "connections=$CONNS"
   echo "threads=$THREADS"
+  echo "tls_threads=$TLS_THREADS"
   echo "idle=$IDLE"
   echo "enrol=$ENROL"
   echo "enrol_parallel=$ENROL_PARALLEL"
   echo "post_body_bytes=$(cat "$dir/pkcsreq.size")"
-  echo "long_target_bytes=$LONG_TARGET_BYTES"
+  echo "long_target_bytes=${#long_target}"
   echo "gateway_log=$GATEWAY_LOG"
   echo "load=$load_start at the start, $(cut -d" " -f1-3 /proc/loadavg) at the end"
   echo "elapsed=$((elapsed / 60)) min $((elapsed % 60)) s"
