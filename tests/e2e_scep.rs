@@ -211,6 +211,16 @@ async fn a_real_pkcsreq_sent_as_get_enrols_through_the_gateway() {
         1,
         "scepserver issued no certificate for the GET"
     );
+    // The gateway read the message from the request-target, as it reads a POST body.
+    assert_eq!(
+        ndes_gateway::scep::parse_get_message(target.split_once('?').unwrap().1),
+        Ok(request)
+    );
+    let scrape = chain.public.metrics.render();
+    assert!(
+        scrape.contains("ndes_gateway_scep_messages_total{fail_info=\"none\",message_type=\"PKCSReq\",pki_status=\"SUCCESS\"} 1"),
+        "{scrape}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

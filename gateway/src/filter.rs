@@ -337,7 +337,7 @@ fn scep_path(path: &str) -> Option<ScepPath> {
 /// first). The query is only split, never decoded: what goes upstream is the original bytes.
 fn operation_of(query: &str) -> Result<ScepOperation, Rejection> {
     let mut found: Option<ScepOperation> = None;
-    for pair in query.split('&') {
+    for pair in crate::scep::query_pairs(query) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if key.contains('%') {
             // NDES may decode a name the filter reads as written: `%6Fperation` would be a second

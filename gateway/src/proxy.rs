@@ -21,7 +21,7 @@ use crate::filter::{
 use crate::metrics::{Metrics, REASON_RATE_LIMITED};
 use crate::ratelimit::{retry_after_secs, RateLimits};
 use crate::scep::{
-    decode_get_message, fail_info_name, message_type_name, parse_pki_message, pki_status_name,
+    fail_info_name, message_type_name, parse_get_message, parse_pki_message, pki_status_name,
     PkiMessage, MAX_MESSAGE_BYTES,
 };
 use crate::upstream::{Upstream, UpstreamBody, UpstreamErrorKind};
@@ -280,8 +280,7 @@ impl Proxy {
             let parsed = if parts.method == Method::POST {
                 parse_pki_message(&body)
             } else {
-                decode_get_message(parts.uri.query().unwrap_or(""))
-                    .and_then(|d| parse_pki_message(&d))
+                parse_get_message(parts.uri.query().unwrap_or(""))
             };
             let request = match parsed {
                 Ok(msg) => Some(msg),

@@ -2,6 +2,8 @@
 //! NDES answered (pkiStatus, failInfo), and the CA and RA certificates of GetCACert. Read with
 //! the RustCrypto crates; never changes what is forwarded; bounded in size, so in time.
 
+use std::borrow::Cow;
+
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
@@ -86,6 +88,11 @@ pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
     let signer_infos = content_info(der, |signed| {
         signer_infos(signed).map_err(|_| ScepError("malformed CMS SignedData"))
     })?;
+    pki_message(&signer_infos)
+}
+
+/// The SCEP attributes of the first signer.
+fn pki_message(signer_infos: &SignerInfos) -> Result<PkiMessage, ScepError> {
     let signer = signer_infos
         .0
         .as_slice()
@@ -334,57 +341,214 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(&bytes[skip..]);
 }
 
+/// A GET PKIOperation's message, read. Its signerInfos, all the gateway reads, sit at the end,
+/// after the enveloped request that is most of the message and that the gateway never opens;
+/// when the message is DER, only its headers and its end are decoded from base64. Anything
+/// else (BER as iOS sends, bad base64, a malformed structure) is decoded whole and read by
+/// `parse_pki_message`, so the answer is always the one the whole message gives.
+pub fn parse_get_message(query: &str) -> Result<PkiMessage, ScepError> {
+    let text = get_message_text(query)?;
+    if let Some(signer_infos) = SparseBase64::new(&text).and_then(|b| b.signer_infos()) {
+        return pki_message(&signer_infos);
+    }
+    parse_pki_message(&decode_text(&text)?)
+}
+
 /// The `message` parameter of a GET PKIOperation, decoded: percent-decoding as RFC 3986 says
 /// (a `+` stays a `+`), line breaks dropped (sscep wraps at 64 characters), then base64 in the
 /// standard or URL-safe alphabet (scepclient 2.1 sends the latter), padded or not.
 pub fn decode_get_message(query: &str) -> Result<Vec<u8>, ScepError> {
-    let raw = query_param(query.as_bytes(), b"message").ok_or(ScepError("no message parameter"))?;
+    decode_text(&get_message_text(query)?)
+}
+
+/// The message parameter as standard-alphabet base64 text.
+fn get_message_text(query: &str) -> Result<Cow<'_, [u8]>, ScepError> {
+    let raw = query_param(query, "message").ok_or(ScepError("no message parameter"))?;
     if raw.len() > MAX_MESSAGE_BYTES * 2 {
         return Err(ScepError("larger than any SCEP message"));
     }
-    let text = base64_text(raw);
-    let engine = GeneralPurpose::new(
-        &alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
-    engine
+    Ok(base64_text(raw.as_bytes()))
+}
+
+/// Standard base64, padded or not.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+fn decode_text(text: &[u8]) -> Result<Vec<u8>, ScepError> {
+    BASE64
         .decode(text)
         .map_err(|_| ScepError("the message parameter is not base64"))
 }
 
-/// The raw value of the first `name=value` pair of `query` whose name is `name` (ASCII case
-/// ignored). memchr rather than `str::split`: the value may be 64 KB long.
-fn query_param<'q>(query: &'q [u8], name: &[u8]) -> Option<&'q [u8]> {
-    let mut rest = query;
-    loop {
-        let (pair, next) = match memchr::memchr(b'&', rest) {
-            Some(at) => (&rest[..at], Some(&rest[at + 1..])),
-            None => (rest, None),
+/// Base64 text that decoding whole would accept, read a stretch at a time: any whole quads of
+/// it decode alone to the bytes they give in the whole, and the last quad, which alone can be
+/// refused (padding, trailing bits), is in every read that reaches the end.
+struct SparseBase64<'t> {
+    text: &'t [u8],
+    /// Where the padding starts.
+    body: usize,
+    /// The decoded length.
+    len: usize,
+}
+
+impl<'t> SparseBase64<'t> {
+    fn new(text: &'t [u8]) -> Option<Self> {
+        let pad = text
+            .iter()
+            .rev()
+            .take(2)
+            .take_while(|&&b| b == b'=')
+            .count();
+        let body = text.len() - pad;
+        // Written to fold without an early exit, so that it compiles to vector compares.
+        let alphabet = text[..body].iter().fold(true, |ok, &b| {
+            ok & (b.is_ascii_alphanumeric() | (b == b'+') | (b == b'/'))
+        });
+        let tail = match body % 4 {
+            0 => 0,
+            2 => 1,
+            3 => 2,
+            _ => return None,
         };
-        if let Some(eq) = memchr::memchr(b'=', pair) {
-            if pair[..eq].eq_ignore_ascii_case(name) {
-                return Some(&pair[eq + 1..]);
+        // Padding that does not complete the last quad is left to the decoder: every read
+        // that reaches the end takes the padding with it.
+        if !alphabet {
+            return None;
+        }
+        Some(Self {
+            text,
+            body,
+            len: body / 4 * 3 + tail,
+        })
+    }
+
+    /// The decoded bytes `start..end`.
+    fn bytes(&self, start: usize, end: usize) -> Option<Vec<u8>> {
+        if start > end || end > self.len {
+            return None;
+        }
+        let first = start / 3;
+        let from = first * 4;
+        // A read that reaches into the last quad takes the text to its end, padding included.
+        let to = match end.div_ceil(3) * 4 {
+            to if to >= self.body => self.text.len(),
+            to => to,
+        };
+        let decoded = BASE64.decode(self.text.get(from..to)?).ok()?;
+        decoded
+            .get(start - first * 3..end - first * 3)
+            .map(<[u8]>::to_vec)
+    }
+
+    /// The DER header at `at`: its tag byte, its length and its content's length. The content
+    /// must fit in `end`.
+    fn header(&self, at: usize, end: usize) -> Option<(u8, usize, usize)> {
+        use der::Reader;
+        // A tag byte and a length of at most five bytes: der reads no longer ones.
+        let bytes = self.bytes(at, end.min(at + 6))?;
+        let mut reader = der::SliceReader::new(&bytes).ok()?;
+        let header = der::Header::decode(&mut reader).ok()?;
+        let header_len = usize::try_from(reader.position()).ok()?;
+        let len = usize::try_from(header.length).ok()?;
+        let content_end = at.checked_add(header_len)?.checked_add(len)?;
+        (content_end <= end).then_some((*bytes.first()?, header_len, len))
+    }
+
+    /// What `content_info` and `signer_infos` read from the whole message, the three fields
+    /// before the certificates skipped by their lengths. `None` where they would not read it
+    /// the same way: the caller then decodes the whole message.
+    fn signer_infos(&self) -> Option<SignerInfos> {
+        use der::asn1::AnyRef;
+        use der::{Reader, SliceReader, Tag};
+        if self.len > MAX_MESSAGE_BYTES {
+            return None;
+        }
+        let end = self.len;
+        // ContentInfo ::= SEQUENCE { contentType, [0] EXPLICIT content }, nothing after it.
+        let (tag, header_len, len) = self.header(0, end)?;
+        if tag != 0x30 || header_len + len != end {
+            return None;
+        }
+        let mut at = header_len;
+        let (tag, header_len, len) = self.header(at, end)?;
+        let oid = self.bytes(at + header_len, at + header_len + len)?;
+        if tag != 0x06 || oid != ID_SIGNED_DATA.as_bytes() {
+            return None;
+        }
+        at += header_len + len;
+        // [0] EXPLICIT, then the SignedData SEQUENCE, each running to the end.
+        for expected in [0xa0, 0x30] {
+            let (tag, header_len, len) = self.header(at, end)?;
+            if tag != expected || at + header_len + len != end {
+                return None;
+            }
+            at += header_len;
+        }
+        // version, digestAlgorithms, encapContentInfo: the enveloped request is in the last.
+        for _ in 0..3 {
+            let (_, header_len, len) = self.header(at, end)?;
+            at += header_len + len;
+        }
+        let rest = self.bytes(at, end)?;
+        let mut r = SliceReader::new(&rest).ok()?;
+        while matches!(r.peek_tag().ok()?, Tag::ContextSpecific { .. }) {
+            AnyRef::decode(&mut r).ok()?;
+        }
+        let infos = SignerInfos::decode(&mut r).ok()?;
+        r.finish(infos).ok()
+    }
+}
+
+/// The `&`-separated pairs of a query, as `str::split('&')` gives them, found with memchr: a
+/// SCEP query may be 64 KB long.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(query);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr(b'&', r.as_bytes()) {
+            Some(at) => {
+                rest = Some(&r[at + 1..]);
+                Some(&r[..at])
+            }
+            None => {
+                rest = None;
+                Some(r)
             }
         }
-        rest = next?;
-    }
+    })
+}
+
+/// The raw value of the first `name=value` pair of `query` whose name is `name` (ASCII case
+/// ignored).
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query_pairs(query)
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value)
 }
 
 /// Percent-decoding (a `%` not followed by two hex digits stays as it is, as `percent_encoding`
 /// leaves it), whitespace dropped and the URL-safe alphabet mapped onto the standard one: a GET
 /// message is up to 64 KB, so this runs at memory speed where it can. In a request-target no byte
 /// is whitespace or a control character until decoded, and then only `%`, `-` and `_` need work:
-/// memchr finds them and the runs between are copied whole. Any other input takes the byte loop,
-/// which gives the same result.
-fn base64_text(raw: &[u8]) -> Vec<u8> {
+/// memchr finds them and the runs between are copied whole, and when there are none (standard
+/// base64 sent raw, as iOS does) the text is the input itself. Any other input takes the byte
+/// loop, which gives the same result.
+fn base64_text(raw: &[u8]) -> Cow<'_, [u8]> {
     // Written to fold without an early exit, so that it compiles to vector compares.
     let has_low = raw.iter().fold(false, |low, &b| low | (b <= b' '));
     if has_low {
-        return base64_text_bytewise(raw);
+        return Cow::Owned(base64_text_bytewise(raw));
+    }
+    let mut specials = memchr::memchr3_iter(b'%', b'-', b'_', raw).peekable();
+    if specials.peek().is_none() {
+        return Cow::Borrowed(raw);
     }
     let mut out = Vec::with_capacity(raw.len());
     let mut run = 0;
-    for at in memchr::memchr3_iter(b'%', b'-', b'_', raw) {
+    for at in specials {
         if at < run {
             continue;
         }
@@ -406,7 +570,7 @@ fn base64_text(raw: &[u8]) -> Vec<u8> {
         }
     }
     out.extend_from_slice(&raw[run..]);
-    out
+    Cow::Owned(out)
 }
 
 /// What each byte of base64 text becomes: its standard-alphabet byte in the low 8 bits, or DROP
@@ -652,14 +816,180 @@ mod tests {
         assert!(decode_get_message("message=***").is_err());
     }
 
+    /// A PKCSReq-shaped pkiMessage: an opaque `envelope` of the given size, the signer's
+    /// certificate, one signer with the SCEP attributes.
+    fn pki_message_der(envelope: usize) -> Vec<u8> {
+        use cms::cert::CertificateChoices;
+        use cms::content_info::CmsVersion;
+        use cms::signed_data::{
+            CertificateSet, EncapsulatedContentInfo, SignerIdentifier, SignerInfo,
+        };
+        use der::asn1::{Any, OctetString, PrintableString, SetOfVec};
+        use x509_cert::attr::Attribute;
+        use x509_cert::ext::pkix::SubjectKeyIdentifier;
+        use x509_cert::spki::AlgorithmIdentifierOwned;
+        static SIGNER: std::sync::OnceLock<Certificate> = std::sync::OnceLock::new();
+        let cert = SIGNER.get_or_init(|| {
+            use rustls_pki_types::pem::PemObject;
+            let ca = crate::devpki::DevCa::new("pkiMessage test CA").unwrap();
+            let (pem, _) = ca.issue_server(&["device.corp.test"]).unwrap();
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            Certificate::from_der(&der).unwrap()
+        });
+        let alg = |oid: &str| AlgorithmIdentifierOwned {
+            oid: ObjectIdentifier::new_unwrap(oid),
+            parameters: None,
+        };
+        let attr = |oid, value: Any| Attribute {
+            oid,
+            values: SetOfVec::try_from(vec![value]).unwrap(),
+        };
+        let printable = |s: &str| Any::encode_from(&PrintableString::new(s).unwrap()).unwrap();
+        let octets = |b: Vec<u8>| OctetString::new(b).unwrap();
+        let signer = SignerInfo {
+            version: CmsVersion::V3,
+            sid: SignerIdentifier::SubjectKeyIdentifier(SubjectKeyIdentifier(octets(vec![7; 20]))),
+            digest_alg: alg("2.16.840.1.101.3.4.2.1"),
+            signed_attrs: Some(
+                SetOfVec::try_from(vec![
+                    attr(MESSAGE_TYPE, printable("19")),
+                    attr(TRANSACTION_ID, printable("5F3A0C")),
+                    attr(
+                        SENDER_NONCE,
+                        Any::encode_from(&octets(vec![9; 16])).unwrap(),
+                    ),
+                ])
+                .unwrap(),
+            ),
+            signature_algorithm: alg("1.2.840.10045.4.3.2"),
+            signature: octets(vec![5; 72]),
+            unsigned_attrs: None,
+        };
+        let signed = SignedData {
+            version: CmsVersion::V3,
+            digest_algorithms: SetOfVec::try_from(vec![alg("2.16.840.1.101.3.4.2.1")]).unwrap(),
+            encap_content_info: EncapsulatedContentInfo {
+                econtent_type: ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1"),
+                econtent: Some(Any::encode_from(&octets(vec![0xab; envelope])).unwrap()),
+            },
+            certificates: Some(CertificateSet(
+                SetOfVec::try_from(vec![CertificateChoices::Certificate(cert.clone())]).unwrap(),
+            )),
+            crls: None,
+            signer_infos: SignerInfos(SetOfVec::try_from(vec![signer]).unwrap()),
+        };
+        ContentInfo {
+            content_type: ID_SIGNED_DATA,
+            content: Any::encode_from(&signed).unwrap(),
+        }
+        .to_der()
+        .unwrap()
+    }
+
+    fn get_query(der: &[u8]) -> String {
+        let std = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("operation=PKIOperation&message={std}")
+    }
+
+    /// What reading the whole message gives.
+    fn whole(query: &str) -> Result<PkiMessage, ScepError> {
+        decode_get_message(query).and_then(|d| parse_pki_message(&d))
+    }
+
+    #[test]
+    fn a_der_get_message_is_read_from_its_headers_and_its_end() {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE};
+        // Envelope sizes that leave every remainder modulo 3, and the benchmark's 62 KiB GET.
+        for envelope in [0, 1, 2, 100, 4000, 4001, 4002, 47_000] {
+            let der = pki_message_der(envelope);
+            let expected = parse_pki_message(&der).unwrap();
+            assert_eq!(expected.message_type, Some(19));
+            assert_eq!(expected.transaction_id.as_deref(), Some("5F3A0C"));
+            assert_eq!(expected.sender_nonce, Some(vec![9; 16]));
+            let std = base64::engine::general_purpose::STANDARD.encode(&der);
+            let text = base64_text(std.as_bytes());
+            let sparse = SparseBase64::new(&text).and_then(|b| b.signer_infos());
+            assert!(
+                sparse.is_some(),
+                "envelope {envelope}: the sparse read gave up"
+            );
+            let spellings = [
+                std.clone(),
+                STANDARD_NO_PAD.encode(&der),
+                URL_SAFE.encode(&der),
+                std.replace('+', "%2B")
+                    .replace('/', "%2F")
+                    .replace('=', "%3D"),
+            ];
+            for message in spellings {
+                let q = format!("operation=PKIOperation&message={message}");
+                assert_eq!(parse_get_message(&q), Ok(expected.clone()), "{envelope}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_ber_get_message_is_read_whole() {
+        let der = pki_message_der(300);
+        let (ber, _) = der_to_ber(&der);
+        let std = base64::engine::general_purpose::STANDARD.encode(&ber);
+        let text = base64_text(std.as_bytes());
+        assert!(SparseBase64::new(&text)
+            .and_then(|b| b.signer_infos())
+            .is_none());
+        let q = get_query(&ber);
+        assert_eq!(parse_get_message(&q), parse_pki_message(&der));
+        assert!(parse_get_message(&q).is_ok());
+    }
+
+    proptest::proptest! {
+        /// A message damaged anywhere reads as it does whole: the same attributes or the same
+        /// error. Half the damage goes to the first 48 bytes, where the headers the sparse read
+        /// walks are, and a change of one either way makes a length off by one.
+        #[test]
+        fn a_damaged_get_message_reads_as_it_does_whole(
+            at in proptest::prop_oneof![0usize..48, 0usize..4000],
+            delta in proptest::prop_oneof![proptest::strategy::Just(1u8), proptest::strategy::Just(255u8), proptest::prelude::any::<u8>()],
+            how in 0u8..4,
+            ch in proptest::sample::select(&b"A/+=%- _*"[..]),
+        ) {
+            static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let mut der = DER.get_or_init(|| pki_message_der(1000)).clone();
+            let q = match how {
+                0 | 1 => {
+                    let at = at % der.len();
+                    if how == 0 { der[at] = der[at].wrapping_add(delta) } else { der.truncate(at) }
+                    get_query(&der)
+                }
+                _ => {
+                    // In the base64 text: one character changed, or the text cut and one added.
+                    let mut q = get_query(&der).into_bytes();
+                    let at = 31 + at % (q.len() - 31);
+                    if how == 2 { q[at] = ch } else { q.truncate(at); q.push(ch) }
+                    String::from_utf8(q).unwrap()
+                }
+            };
+            proptest::prop_assert_eq!(parse_get_message(&q), whole(&q));
+        }
+    }
+
     #[test]
     fn query_param_finds_the_first_pair_by_name() {
-        let q = b"operation=PKIOperation&message&MESSAGE=a=b&message=c";
-        assert_eq!(query_param(q, b"message"), Some(&b"a=b"[..]));
-        assert_eq!(query_param(q, b"operation"), Some(&b"PKIOperation"[..]));
-        assert_eq!(query_param(b"message=", b"message"), Some(&b""[..]));
-        assert_eq!(query_param(b"messages=x&&=y", b"message"), None);
-        assert_eq!(query_param(b"", b"message"), None);
+        let q = "operation=PKIOperation&message&MESSAGE=a=b&message=c";
+        assert_eq!(query_param(q, "message"), Some("a=b"));
+        assert_eq!(query_param(q, "operation"), Some("PKIOperation"));
+        assert_eq!(query_param("message=", "message"), Some(""));
+        assert_eq!(query_param("messages=x&&=y", "message"), None);
+        assert_eq!(query_param("", "message"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn query_pairs_split_as_str_split_does(query in "[a&=%]{0,40}") {
+            let ours: Vec<&str> = query_pairs(&query).collect();
+            let std: Vec<&str> = query.split('&').collect();
+            proptest::prop_assert_eq!(ours, std);
+        }
     }
 }
 
