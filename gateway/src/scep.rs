@@ -10,9 +10,9 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use cms::cert::CertificateChoices;
 use cms::content_info::ContentInfo;
-use cms::signed_data::{SignedData, SignerInfos};
-use der::asn1::{ObjectIdentifier, OctetStringRef, PrintableStringRef};
-use der::{Decode, Encode};
+use cms::signed_data::SignedData;
+use der::asn1::{AnyRef, ObjectIdentifier, OctetStringRef, PrintableStringRef};
+use der::{Decode, Encode, Reader, SliceReader, Tag, TagNumber, Tagged};
 use x509_cert::Certificate;
 
 /// Larger than any SCEP message (a PKCSReq is 2.5 to 4 KB, a CertRep with a chain a few KB): a
@@ -85,26 +85,26 @@ pub struct PkiMessage {
 /// Reads a pkiMessage: CMS SignedData whose first signer carries the SCEP attributes. The
 /// enveloped inner content is not opened (the gateway holds no CA or RA key).
 pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
-    let signer_infos = content_info(der, |signed| {
-        signer_infos(signed).map_err(|_| ScepError("malformed CMS SignedData"))
-    })?;
-    pki_message(&signer_infos)
+    content_info(der, |signed| {
+        let infos = signer_infos(signed).map_err(|_| MALFORMED_SIGNED_DATA)?;
+        pki_message(infos)
+    })
 }
 
-/// The SCEP attributes of the first signer.
-fn pki_message(signer_infos: &SignerInfos) -> Result<PkiMessage, ScepError> {
-    let signer = signer_infos
-        .0
-        .as_slice()
-        .first()
-        .ok_or(ScepError("no signer"))?;
-    let attrs = signer
-        .signed_attrs
-        .as_ref()
+const MALFORMED_SIGNED_DATA: ScepError = ScepError("malformed CMS SignedData");
+
+/// The SCEP attributes of the first signer in a SignerInfos SET, read where they lie: decoding
+/// SignerInfos into owned values (every attribute value copied, every SET's order checked by
+/// re-encoding) cost more than the rest of a POST's handling.
+fn pki_message(signer_infos: &[u8]) -> Result<PkiMessage, ScepError> {
+    let attrs = first_signed_attrs(signer_infos)
+        .map_err(|_| MALFORMED_SIGNED_DATA)?
+        .ok_or(ScepError("no signer"))?
         .ok_or(ScepError("no signed attributes"))?;
+    let mut reader = SliceReader::new(attrs.value()).map_err(|_| MALFORMED_SIGNED_DATA)?;
     let mut msg = PkiMessage::default();
-    for attr in attrs.iter() {
-        let Some(value) = attr.values.as_slice().first() else {
+    while !reader.is_finished() {
+        let Some((oid, value)) = attribute(&mut reader).map_err(|_| MALFORMED_SIGNED_DATA)? else {
             continue;
         };
         let printable = || {
@@ -119,11 +119,12 @@ fn pki_message(signer_infos: &SignerInfos) -> Result<PkiMessage, ScepError> {
                 .parse()
                 .map_err(|_| ScepError("a SCEP attribute is not a decimal number"))
         };
-        match attr.oid {
-            MESSAGE_TYPE => msg.message_type = Some(number()?),
-            PKI_STATUS => msg.pki_status = Some(number()?),
-            FAIL_INFO => msg.fail_info = Some(number()?),
-            TRANSACTION_ID => {
+        // An OID is compared encoded: decoding one into arcs costs more than the comparisons.
+        match oid {
+            o if o == MESSAGE_TYPE.as_bytes() => msg.message_type = Some(number()?),
+            o if o == PKI_STATUS.as_bytes() => msg.pki_status = Some(number()?),
+            o if o == FAIL_INFO.as_bytes() => msg.fail_info = Some(number()?),
+            o if o == TRANSACTION_ID.as_bytes() => {
                 msg.transaction_id = Some(
                     printable()?
                         .chars()
@@ -131,7 +132,7 @@ fn pki_message(signer_infos: &SignerInfos) -> Result<PkiMessage, ScepError> {
                         .collect(),
                 )
             }
-            SENDER_NONCE => {
+            o if o == SENDER_NONCE.as_bytes() => {
                 msg.sender_nonce = value
                     .decode_as::<OctetStringRef<'_>>()
                     .ok()
@@ -146,45 +147,117 @@ fn pki_message(signer_infos: &SignerInfos) -> Result<PkiMessage, ScepError> {
     Ok(msg)
 }
 
-/// The SignedData of a CMS ContentInfo, handed to `read` as its DER encoding.
+/// The signedAttrs of the first SignerInfo of a SignerInfos SET (RFC 5652 §5.3): `None` when
+/// the SET is empty, `Some(None)` when the signer has no signed attributes. Every SignerInfo must
+/// be a whole TLV, and the first one has the fields RFC 5652 gives it, in order.
+fn first_signed_attrs(infos: &[u8]) -> der::Result<Option<Option<AnyRef<'_>>>> {
+    const SIGNED_ATTRS: Tag = Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::N0,
+    };
+    const UNSIGNED_ATTRS: Tag = Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::N1,
+    };
+    let Some(signer) = first_of_set(AnyRef::from_der(infos)?)? else {
+        return Ok(None);
+    };
+    signer.tag().assert_eq(Tag::Sequence)?;
+    let mut r = SliceReader::new(signer.value())?;
+    AnyRef::decode(&mut r)?.tag().assert_eq(Tag::Integer)?; // version
+    AnyRef::decode(&mut r)?; // sid: issuerAndSerialNumber, or [0] subjectKeyIdentifier
+    AnyRef::decode(&mut r)?.tag().assert_eq(Tag::Sequence)?; // digestAlgorithm
+    let attrs = match r.peek_tag()? {
+        SIGNED_ATTRS => Some(AnyRef::decode(&mut r)?),
+        _ => None,
+    };
+    AnyRef::decode(&mut r)?.tag().assert_eq(Tag::Sequence)?; // signatureAlgorithm
+    AnyRef::decode(&mut r)?.tag().assert_eq(Tag::OctetString)?; // signature
+    if !r.is_finished() {
+        AnyRef::decode(&mut r)?.tag().assert_eq(UNSIGNED_ATTRS)?;
+    }
+    r.finish(Some(attrs))
+}
+
+/// One Attribute (RFC 5652 §5.3) from `r`: its type, as the encoded OID it is compared with,
+/// and its first value, if it has one.
+fn attribute<'a>(r: &mut SliceReader<'a>) -> der::Result<Option<(&'a [u8], AnyRef<'a>)>> {
+    let attr = AnyRef::decode(r)?;
+    attr.tag().assert_eq(Tag::Sequence)?;
+    let mut fields = SliceReader::new(attr.value())?;
+    let oid = AnyRef::decode(&mut fields)?;
+    oid.tag().assert_eq(Tag::ObjectIdentifier)?;
+    let values = AnyRef::decode(&mut fields)?;
+    fields.finish(())?;
+    Ok(first_of_set(values)?.map(|first| (oid.value(), first)))
+}
+
+/// The first element of a SET, if it has one; the others must be whole TLVs.
+fn first_of_set(set: AnyRef<'_>) -> der::Result<Option<AnyRef<'_>>> {
+    set.tag().assert_eq(Tag::Set)?;
+    let mut r = SliceReader::new(set.value())?;
+    if r.is_finished() {
+        return Ok(None);
+    }
+    let first = AnyRef::decode(&mut r)?;
+    while !r.is_finished() {
+        AnyRef::decode(&mut r)?;
+    }
+    Ok(Some(first))
+}
+
+/// The contentType and the content of a DER ContentInfo (RFC 5652 §3), read where they lie.
+fn content_info_ref(input: &[u8]) -> der::Result<(ObjectIdentifier, AnyRef<'_>)> {
+    const EXPLICIT_0: Tag = Tag::ContextSpecific {
+        constructed: true,
+        number: TagNumber::N0,
+    };
+    let info = AnyRef::from_der(input)?;
+    info.tag().assert_eq(Tag::Sequence)?;
+    let mut r = SliceReader::new(info.value())?;
+    let content_type = ObjectIdentifier::decode(&mut r)?;
+    let explicit = AnyRef::decode(&mut r)?;
+    r.finish(())?;
+    explicit.tag().assert_eq(EXPLICIT_0)?;
+    Ok((content_type, AnyRef::from_der(explicit.value())?))
+}
+
+/// The SignedData of a CMS ContentInfo, handed to `read`.
 fn content_info<T>(
     input: &[u8],
-    read: impl FnOnce(&der::asn1::Any) -> Result<T, ScepError>,
+    read: impl FnOnce(AnyRef<'_>) -> Result<T, ScepError>,
 ) -> Result<T, ScepError> {
     if input.len() > MAX_MESSAGE_BYTES {
         return Err(ScepError("larger than any SCEP message"));
     }
-    let info = match ContentInfo::from_der(input) {
-        Ok(info) => info,
+    let converted;
+    let (content_type, content) = match content_info_ref(input) {
+        Ok(parts) => parts,
         // iOS sends its pkiMessage in BER (indefinite lengths, segmented OCTET STRINGs).
         Err(_) => {
-            let der = ber_to_der(input)?;
-            ContentInfo::from_der(&der).map_err(|_| ScepError("not a CMS ContentInfo"))?
+            converted = ber_to_der(input)?;
+            content_info_ref(&converted).map_err(|_| ScepError("not a CMS ContentInfo"))?
         }
     };
-    if info.content_type != ID_SIGNED_DATA {
+    if content_type != ID_SIGNED_DATA {
         return Err(ScepError("not CMS SignedData"));
     }
-    read(&info.content)
+    read(content)
 }
 
 fn signed_data(input: &[u8]) -> Result<SignedData, ScepError> {
     content_info(input, |signed| {
         signed
             .decode_as::<SignedData>()
-            .map_err(|_| ScepError("malformed CMS SignedData"))
+            .map_err(|_| MALFORMED_SIGNED_DATA)
     })
 }
 
-/// The signerInfos of a SignedData (RFC 5652 §5.1), the fields before them skipped unparsed: the
-/// SCEP attributes are all there, and parsing the certificates a device sends along cost more
-/// than everything else the gateway does for a request.
-fn signer_infos(signed: &der::asn1::Any) -> der::Result<SignerInfos> {
-    use der::asn1::AnyRef;
-    use der::{Reader, SliceReader, Tag, Tagged};
-    if signed.tag() != Tag::Sequence {
-        return Err(der::Tag::Sequence.value_error());
-    }
+/// The signerInfos of a SignedData (RFC 5652 §5.1) as DER, the fields before them skipped
+/// unparsed: the SCEP attributes are all there, and parsing the certificates a device sends
+/// along cost more than everything else the gateway does for a request.
+fn signer_infos(signed: AnyRef<'_>) -> der::Result<&[u8]> {
+    signed.tag().assert_eq(Tag::Sequence)?;
     let mut r = SliceReader::new(signed.value())?;
     // version, digestAlgorithms, encapContentInfo
     for _ in 0..3 {
@@ -194,7 +267,7 @@ fn signer_infos(signed: &der::asn1::Any) -> der::Result<SignerInfos> {
     while matches!(r.peek_tag()?, Tag::ContextSpecific { .. }) {
         AnyRef::decode(&mut r)?;
     }
-    let infos = SignerInfos::decode(&mut r)?;
+    let infos = r.tlv_bytes()?;
     r.finish(infos)
 }
 
@@ -445,10 +518,9 @@ impl<'t> SparseBase64<'t> {
     /// The DER header at `at`: its tag byte, its length and its content's length. The content
     /// must fit in `end`.
     fn header(&self, at: usize, end: usize) -> Option<(u8, usize, usize)> {
-        use der::Reader;
         // A tag byte and a length of at most five bytes: der reads no longer ones.
         let bytes = self.bytes(at, end.min(at + 6))?;
-        let mut reader = der::SliceReader::new(&bytes).ok()?;
+        let mut reader = SliceReader::new(&bytes).ok()?;
         let header = der::Header::decode(&mut reader).ok()?;
         let header_len = usize::try_from(reader.position()).ok()?;
         let len = usize::try_from(header.length).ok()?;
@@ -459,9 +531,7 @@ impl<'t> SparseBase64<'t> {
     /// What `content_info` and `signer_infos` read from the whole message, the three fields
     /// before the certificates skipped by their lengths. `None` where they would not read it
     /// the same way: the caller then decodes the whole message.
-    fn signer_infos(&self) -> Option<SignerInfos> {
-        use der::asn1::AnyRef;
-        use der::{Reader, SliceReader, Tag};
+    fn signer_infos(&self) -> Option<Vec<u8>> {
         if self.len > MAX_MESSAGE_BYTES {
             return None;
         }
@@ -496,8 +566,8 @@ impl<'t> SparseBase64<'t> {
         while matches!(r.peek_tag().ok()?, Tag::ContextSpecific { .. }) {
             AnyRef::decode(&mut r).ok()?;
         }
-        let infos = SignerInfos::decode(&mut r).ok()?;
-        r.finish(infos).ok()
+        let infos = r.tlv_bytes().ok()?;
+        r.finish(infos).ok().map(<[u8]>::to_vec)
     }
 }
 
@@ -822,7 +892,7 @@ mod tests {
         use cms::cert::CertificateChoices;
         use cms::content_info::CmsVersion;
         use cms::signed_data::{
-            CertificateSet, EncapsulatedContentInfo, SignerIdentifier, SignerInfo,
+            CertificateSet, EncapsulatedContentInfo, SignerIdentifier, SignerInfo, SignerInfos,
         };
         use der::asn1::{Any, OctetString, PrintableString, SetOfVec};
         use x509_cert::attr::Attribute;
@@ -971,6 +1041,66 @@ mod tests {
             };
             proptest::prop_assert_eq!(parse_get_message(&q), whole(&q));
         }
+    }
+
+    /// The signer's attributes as the cms crate decodes them, into owned values with every SET's
+    /// order checked: the reference the in-place read must agree with wherever it succeeds.
+    fn reference_parse(der: &[u8]) -> Option<PkiMessage> {
+        let signed = signed_data(der).ok()?;
+        let signer = signed.signer_infos.0.as_slice().first()?;
+        let mut msg = PkiMessage::default();
+        for attr in signer.signed_attrs.as_ref()?.iter() {
+            let Some(value) = attr.values.as_slice().first() else {
+                continue;
+            };
+            let printable = || {
+                value
+                    .decode_as::<PrintableStringRef<'_>>()
+                    .ok()
+                    .map(|s| s.as_str().to_owned())
+            };
+            let number = || printable()?.trim().parse::<u32>().ok();
+            match attr.oid {
+                MESSAGE_TYPE => msg.message_type = Some(number()?),
+                PKI_STATUS => msg.pki_status = Some(number()?),
+                FAIL_INFO => msg.fail_info = Some(number()?),
+                TRANSACTION_ID => msg.transaction_id = Some(printable()?),
+                SENDER_NONCE => {
+                    msg.sender_nonce = value
+                        .decode_as::<OctetStringRef<'_>>()
+                        .ok()
+                        .map(|o| o.as_bytes().to_vec())
+                }
+                _ => {}
+            }
+        }
+        msg.message_type.map(|_| msg)
+    }
+
+    proptest::proptest! {
+        /// Damage anywhere, and most of it in the signerInfos at the end: wherever the cms
+        /// crate still reads the message, the in-place read gives the same attributes.
+        #[test]
+        fn the_in_place_read_agrees_with_the_cms_crate(
+            from_end in proptest::prop_oneof![0usize..400, 0usize..2000],
+            delta in proptest::prop_oneof![proptest::strategy::Just(1u8), proptest::strategy::Just(255u8), proptest::prelude::any::<u8>()],
+            cut in proptest::prelude::any::<bool>(),
+        ) {
+            static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let mut der = DER.get_or_init(|| pki_message_der(300)).clone();
+            let at = der.len() - 1 - from_end % der.len();
+            if cut { der.truncate(at) } else { der[at] = der[at].wrapping_add(delta) }
+            if let Some(expected) = reference_parse(&der) {
+                proptest::prop_assert_eq!(parse_pki_message(&der), Ok(expected));
+            }
+        }
+    }
+
+    #[test]
+    fn an_undamaged_message_reads_as_the_cms_crate_reads_it() {
+        let der = pki_message_der(300);
+        let expected = reference_parse(&der).unwrap();
+        assert_eq!(parse_pki_message(&der), Ok(expected));
     }
 
     #[test]
