@@ -2,6 +2,7 @@
 //! what peers send (SCEP messages, PROXY headers, query strings, the config) never panic on any
 //! input. A bounded-time stand-in for coverage-guided fuzzing that runs in every test run.
 
+use base64::Engine;
 use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use ndes_gateway::config::{Config, LimitsConfig};
 use ndes_gateway::filter::RequestLimits;
@@ -76,11 +77,16 @@ proptest! {
         bytes.extend_from_slice(&tail);
         let _ = ndes_gateway::scep::parse_pki_message(&bytes);
         let _ = ndes_gateway::scep::ber_to_der(&bytes);
+        // The same bytes as a GET message: the sparse base64 read walks them.
+        let message = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let _ = ndes_gateway::scep::parse_get_message(&format!("operation=PKIOperation&message={message}"));
     }
 
     #[test]
     fn get_messages_take_any_text(message in ".{0,512}") {
-        let _ = ndes_gateway::scep::decode_get_message(&format!("operation=PKIOperation&message={message}"));
+        let query = format!("operation=PKIOperation&message={message}");
+        let _ = ndes_gateway::scep::decode_get_message(&query);
+        let _ = ndes_gateway::scep::parse_get_message(&query);
     }
 
     #[test]
