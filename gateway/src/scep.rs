@@ -94,8 +94,10 @@ pub fn parse_pki_message(der: &[u8]) -> Result<PkiMessage, ScepError> {
 const MALFORMED_SIGNED_DATA: ScepError = ScepError("malformed CMS SignedData");
 
 /// The SCEP attributes of the first signer in a SignerInfos SET, read where they lie: decoding
-/// SignerInfos into owned values (every attribute value copied, every SET's order checked by
-/// re-encoding) cost more than the rest of a POST's handling.
+/// SignerInfos into owned values (every attribute value copied, every SET sorted into DER order
+/// by re-encoding its elements) cost more than the rest of a POST's handling. Signers and values
+/// are taken in the order they are written (the cms decode sorted them first); a later
+/// attribute of the same type overrides an earlier one.
 fn pki_message(signer_infos: &[u8]) -> Result<PkiMessage, ScepError> {
     let attrs = first_signed_attrs(signer_infos)
         .map_err(|_| MALFORMED_SIGNED_DATA)?
@@ -455,9 +457,11 @@ fn decode_text(text: &[u8]) -> Result<Vec<u8>, ScepError> {
         .map_err(|_| ScepError("the message parameter is not base64"))
 }
 
-/// Base64 text that decoding whole would accept, read a stretch at a time: any whole quads of
-/// it decode alone to the bytes they give in the whole, and the last quad, which alone can be
-/// refused (padding, trailing bits), is in every read that reaches the end.
+/// Base64 text in the standard alphabet (padding aside), read a stretch at a time: any whole
+/// quads of it decode alone to the bytes they give in the whole. Only the last quad can make the
+/// whole text undecodable (padding, trailing bits), and every read that reaches the end takes it
+/// with the same decoder: `signer_infos` always ends with such a read, so it never answers for
+/// text that would not decode whole.
 struct SparseBase64<'t> {
     text: &'t [u8],
     /// Where the padding starts.
@@ -1043,8 +1047,9 @@ mod tests {
         }
     }
 
-    /// The signer's attributes as the cms crate decodes them, into owned values with every SET's
-    /// order checked: the reference the in-place read must agree with wherever it succeeds.
+    /// The signer's attributes as the cms crate decodes them, into owned values with every SET
+    /// sorted: the reference the in-place read must agree with wherever it succeeds (the test
+    /// messages have one signer and one value per attribute, where the orders are the same).
     fn reference_parse(der: &[u8]) -> Option<PkiMessage> {
         let signed = signed_data(der).ok()?;
         let signer = signed.signer_infos.0.as_slice().first()?;
