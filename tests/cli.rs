@@ -98,6 +98,65 @@ fn the_demo_enrols_a_device_and_stops() {
     assert!(dir.path().join("client/device.pem").is_file());
 }
 
+/// How many running processes have `needle` in their command line.
+fn processes_mentioning(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
+        .count()
+}
+
+/// systemd, Docker and a test script stop the demo with SIGTERM: the CA it started goes too.
+#[test]
+fn the_demo_stops_its_ca_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let depot = dir.path().join("depot");
+    let depot = depot.to_str().unwrap();
+    let mut demo = Killed(
+        Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The reader stays open until the demo has exited: it prints as it stops.
+    let mut lines = BufReader::new(demo.0.stdout.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .take(200)
+        .map_while(Result::ok)
+        .any(|line| line.contains("Press Ctrl-C"));
+    assert!(started, "the demo did not start");
+    assert_eq!(
+        processes_mentioning(depot),
+        1,
+        "scepserver runs for the demo"
+    );
+    let sent = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", demo.0.id())])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = demo.0.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "{status}: {rest:?}");
+    assert_eq!(
+        processes_mentioning(depot),
+        0,
+        "scepserver outlived the demo"
+    );
+}
+
 #[test]
 fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

@@ -302,7 +302,9 @@ Try it by hand while the demo runs:
         );
         if !opts.once {
             println!("Press Ctrl-C to stop.");
-            let _ = tokio::signal::ctrl_c().await;
+            // SIGTERM too: left to its default action, it would end the process without the
+            // shutdown below, and scepserver would outlive the demo.
+            crate::stop_signal().await;
             println!("stopping...");
         }
     }

@@ -44,6 +44,29 @@ use crate::proxy::Proxy;
 use crate::ratelimit::RateLimits;
 use crate::upstream::{Upstream, UpstreamTarget};
 
+/// Until SIGINT (Ctrl-C) or SIGTERM (what systemd, Docker and Kubernetes send): both stop the
+/// process the same orderly way, children included.
+#[cfg(unix)]
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub async fn stop_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Everything loaded from a config, checked, but not yet listening.
 pub struct Prepared {
     pub config: Config,

@@ -231,7 +231,7 @@ async fn serve(path: PathBuf) -> Result<(), String> {
     logging::init(&config.log);
     raise_open_file_limit(config.listen.max_connections);
     let gateway = Gateway::start(&config).await.map_err(|e| e.to_string())?;
-    wait_for_stop_signal().await;
+    ndes_gateway::stop_signal().await;
     tracing::info!(target: "ndes_gateway", "stopping: finishing requests in flight");
     gateway.shutdown().await;
     Ok(())
@@ -255,27 +255,6 @@ fn raise_open_file_limit(max_connections: usize) {
             tracing::warn!(target: "ndes_gateway", error = %e, "cannot raise the open-file limit")
         }
     }
-}
-
-#[cfg(unix)]
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_stop_signal() {
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn check(path: PathBuf) -> Result<(), String> {
