@@ -301,10 +301,12 @@ Try it by hand while the demo runs:
             config = config_path.display(),
         );
         if !opts.once {
-            println!("Press Ctrl-C to stop.");
             // SIGTERM too: left to its default action, it would end the process without the
-            // shutdown below, and scepserver would outlive the demo.
-            crate::stop_signal().await;
+            // shutdown below, and scepserver would outlive the demo. Installed before the line
+            // that says the demo is up, which a script may answer with SIGTERM at once.
+            let stop = crate::stop_signal();
+            println!("Press Ctrl-C to stop.");
+            stop.await;
             println!("stopping...");
         }
     }

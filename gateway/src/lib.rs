@@ -44,27 +44,42 @@ use crate::proxy::Proxy;
 use crate::ratelimit::RateLimits;
 use crate::upstream::{Upstream, UpstreamTarget};
 
-/// Until SIGINT (Ctrl-C) or SIGTERM (what systemd, Docker and Kubernetes send): both stop the
-/// process the same orderly way, children included.
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what systemd, Docker and Kubernetes send): both
+/// stop the process the same orderly way, children included. The handlers are installed when
+/// this is called, not when the future is first polled, so call it before announcing readiness:
+/// a signal sent in between would otherwise meet the default action and end the process
+/// without its shutdown.
 #[cfg(unix)]
-pub async fn stop_signal() {
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (term, interrupt) {
+            (Ok(mut term), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            (Ok(mut term), Err(_)) => {
+                term.recv().await;
+            }
+            (Err(_), Ok(mut interrupt)) => {
+                interrupt.recv().await;
+            }
+            (Err(_), Err(_)) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-pub async fn stop_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Everything loaded from a config, checked, but not yet listening.

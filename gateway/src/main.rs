@@ -230,8 +230,10 @@ async fn serve(path: PathBuf) -> Result<(), String> {
     let config = Config::load(&path).map_err(|e| e.to_string())?;
     logging::init(&config.log);
     raise_open_file_limit(config.listen.max_connections);
+    // Before "listening" is logged: a supervisor may stop the gateway as soon as it reads it.
+    let stop = ndes_gateway::stop_signal();
     let gateway = Gateway::start(&config).await.map_err(|e| e.to_string())?;
-    ndes_gateway::stop_signal().await;
+    stop.await;
     tracing::info!(target: "ndes_gateway", "stopping: finishing requests in flight");
     gateway.shutdown().await;
     Ok(())
