@@ -112,9 +112,10 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// systemd, Docker and a test script stop the demo with SIGTERM: the CA it started goes too.
-#[test]
-fn the_demo_stops_its_ca_on_sigterm() {
+/// Starts the demo, sends it SIGTERM once it has printed a line containing `after`, and returns
+/// its exit status and what it printed next. Whatever still runs on its depot then is killed,
+/// so a failing run leaves nothing behind either, and returned.
+fn demo_stopped_by_sigterm(after: &str) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let depot = dir.path().join("depot");
     let depot = depot.to_str().unwrap();
@@ -129,12 +130,12 @@ fn the_demo_stops_its_ca_on_sigterm() {
     );
     // The reader stays open until the demo has exited: it prints as it stops.
     let mut lines = BufReader::new(demo.0.stdout.take().unwrap()).lines();
-    let started = lines
+    let reached = lines
         .by_ref()
         .take(200)
         .map_while(Result::ok)
-        .any(|line| line.contains("Press Ctrl-C"));
-    assert!(started, "the demo did not start");
+        .any(|line| line.contains(after));
+    assert!(reached, "the demo never printed {after:?}");
     assert_eq!(
         processes_mentioning(depot).len(),
         1,
@@ -148,11 +149,26 @@ fn the_demo_stops_its_ca_on_sigterm() {
     let status = demo.0.wait().unwrap();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let left = processes_mentioning(depot);
-    // A failing run leaves nothing behind either.
     for pid in &left {
         let _ = Command::new("kill").args(["-KILL", pid]).status();
     }
+    (status, rest, left)
+}
+
+/// systemd, Docker and a test script stop the demo with SIGTERM: the CA it started goes too.
+#[test]
+fn the_demo_stops_its_ca_on_sigterm() {
+    let (status, rest, left) = demo_stopped_by_sigterm("Press Ctrl-C");
     assert!(status.success(), "{status}: {rest:?}");
+    assert_eq!(rest, ["stopping..."]);
+    assert!(left.is_empty(), "scepserver outlived the demo");
+}
+
+/// Stopped while it is still enrolling, the demo takes the CA down as well.
+#[test]
+fn the_demo_stops_its_ca_on_sigterm_while_starting() {
+    let (status, rest, left) = demo_stopped_by_sigterm("CA: micromdm scepserver on");
+    assert_eq!(status.code(), Some(1), "{status}: {rest:?}");
     assert!(left.is_empty(), "scepserver outlived the demo");
 }
 

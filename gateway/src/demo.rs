@@ -218,6 +218,43 @@ pub struct DemoOptions {
 }
 
 pub async fn run(opts: DemoOptions) -> Result<(), String> {
+    // Installed first, so that SIGINT or SIGTERM at any point stops the demo with scepserver:
+    // left to its default action, SIGTERM would end the process without the shutdown below,
+    // and scepserver would outlive the demo. Stopped before it is up, the demo's pieces are
+    // dropped, and scepserver is killed with its handle.
+    let stop = crate::stop_signal();
+    tokio::pin!(stop);
+    let once = opts.once;
+    let running = tokio::select! {
+        running = start_and_enrol(opts) => running?,
+        () = &mut stop => return Err("stopped before the demo was up".to_owned()),
+    };
+    let Running {
+        public,
+        front,
+        scep,
+        outcome,
+    } = running;
+    if outcome.is_ok() && !once {
+        println!("Press Ctrl-C to stop.");
+        stop.await;
+        println!("stopping...");
+    }
+    public.shutdown().await;
+    front.shutdown().await;
+    scep.stop().await;
+    outcome
+}
+
+/// What the demo keeps running once the device has enrolled, or failed to.
+struct Running {
+    public: Gateway,
+    front: Gateway,
+    scep: ScepServer,
+    outcome: Result<(), String>,
+}
+
+async fn start_and_enrol(opts: DemoOptions) -> Result<Running, String> {
     require_program("scepserver", "scep")?;
     require_program("scepclient", "scep")?;
     let dir = match opts.dir {
@@ -300,18 +337,11 @@ Try it by hand while the demo runs:
             port = addr.port(),
             config = config_path.display(),
         );
-        if !opts.once {
-            // SIGTERM too: left to its default action, it would end the process without the
-            // shutdown below, and scepserver would outlive the demo. Installed before the line
-            // that says the demo is up, which a script may answer with SIGTERM at once.
-            let stop = crate::stop_signal();
-            println!("Press Ctrl-C to stop.");
-            stop.await;
-            println!("stopping...");
-        }
     }
-    public.shutdown().await;
-    front.shutdown().await;
-    scep.stop().await;
-    outcome
+    Ok(Running {
+        public,
+        front,
+        scep,
+        outcome,
+    })
 }
