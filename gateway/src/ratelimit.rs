@@ -1,30 +1,33 @@
 //! Rate limits with governor (GCRA): per client address and for the whole gateway. Per replica:
 //! several replicas each apply their own.
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::mem;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
 use crate::config::RateLimitConfig;
 
-/// Above this many tracked addresses the store is pruned at once instead of waiting for the next
-/// periodic pass; if pruning cannot bring it back under (every address is still within its
-/// allowance, as in an address-spraying flood) the store is started afresh. Memory stays bounded
-/// at the price of forgetting, during such a flood, who had used their burst.
+/// The most client addresses remembered at once. Past it the least recently seen are forgotten,
+/// rather than the whole store being started afresh: an address-spraying flood must not reset
+/// other clients, or every client that had used its burst would get a fresh one exactly while the
+/// gateway is under attack. Forgetting the quiet ones costs only a fresh burst to a client that
+/// has not been seen for a while.
 const MAX_TRACKED_CLIENTS: usize = 100_000;
-/// How often, in checks, the store's size is looked at.
-const SIZE_CHECK_EVERY: u64 = 1024;
+/// Independent locks, so that concurrent checks rarely wait on each other.
+const SHARDS: usize = 16;
 
-type Keyed<C> =
-    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> = RateLimiter<IpAddr, ClientStore, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// Which limit refused a request.
@@ -44,11 +47,9 @@ impl Scope {
 }
 
 pub struct RateLimits<C: Clock = DefaultClock> {
-    per_client: Option<RwLock<Keyed<C>>>,
-    per_client_quota: Option<Quota>,
+    per_client: Option<Keyed<C>>,
     global: Option<Direct<C>>,
     clock: C,
-    checks: AtomicU64,
 }
 
 /// A quota from a rate (possibly below one per second) and a burst; `None` when off.
@@ -70,15 +71,12 @@ impl RateLimits<DefaultClock> {
 
 impl<C: Clock + Clone> RateLimits<C> {
     pub fn with_clock(c: &RateLimitConfig, clock: C) -> RateLimits<C> {
-        let per_client_quota = quota(c.per_client_rps, c.per_client_burst);
         RateLimits {
-            per_client: per_client_quota
-                .map(|q| RwLock::new(RateLimiter::dashmap_with_clock(q, clock.clone()))),
-            per_client_quota,
+            per_client: quota(c.per_client_rps, c.per_client_burst)
+                .map(|q| RateLimiter::new(q, ClientStore::new(MAX_TRACKED_CLIENTS), clock.clone())),
             global: quota(c.global_rps, c.global_burst)
                 .map(|q| RateLimiter::direct_with_clock(q, clock.clone())),
             clock,
-            checks: AtomicU64::new(0),
         }
     }
 
@@ -90,11 +88,6 @@ impl<C: Clock + Clone> RateLimits<C> {
     /// it and when the next request would pass.
     pub fn check(&self, client: IpAddr) -> Result<(), (Scope, Duration)> {
         if let Some(keyed) = &self.per_client {
-            if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0 {
-                self.bound_store();
-            }
-            // A poisoned lock only means another thread panicked mid-check; the limiter is fine.
-            let keyed = keyed.read().unwrap_or_else(|e| e.into_inner());
             keyed.check_key(&client_key(client)).map_err(|not_until| {
                 (Scope::PerClient, not_until.wait_time_from(self.clock.now()))
             })?;
@@ -107,50 +100,146 @@ impl<C: Clock + Clone> RateLimits<C> {
         Ok(())
     }
 
-    fn bound_store(&self) {
-        let (Some(lock), Some(quota)) = (&self.per_client, self.per_client_quota) else {
-            return;
-        };
-        if lock.read().unwrap_or_else(|e| e.into_inner()).len() <= MAX_TRACKED_CLIENTS {
-            return;
-        }
-        self.prune();
-        let mut keyed = lock.write().unwrap_or_else(|e| e.into_inner());
-        if keyed.len() > MAX_TRACKED_CLIENTS {
-            tracing::warn!(
-                target: "ndes_gateway::filter",
-                tracked = keyed.len(),
-                "per-client rate limit store full (an address-spraying flood?): starting it afresh"
-            );
-            *keyed = RateLimiter::dashmap_with_clock(quota, self.clock.clone());
-        }
-    }
-
     /// Forgets the addresses whose allowance is full again: they would pass anyway.
     pub fn prune(&self) {
-        if let Some(lock) = &self.per_client {
-            let keyed = lock.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(keyed) = &self.per_client {
             keyed.retain_recent();
             keyed.shrink_to_fit();
         }
     }
 
     pub fn tracked_clients(&self) -> usize {
-        self.per_client
-            .as_ref()
-            .map_or(0, |k| k.read().unwrap_or_else(|e| e.into_inner()).len())
+        self.per_client.as_ref().map_or(0, |k| k.len())
+    }
+}
+
+/// The per-client state store: bounded, forgetting the least recently seen addresses first.
+///
+/// Each shard keeps two generations instead of an exact recency order: no per-entry timestamps or
+/// linked lists, and eviction is dropping a whole generation, O(1) amortised. An address is kept
+/// for at least `generation` (at most twice that) newly seen addresses in its shard after it was
+/// last seen, which with the default cap is about 50,000 fresh addresses overall.
+struct ClientStore {
+    shards: [Mutex<Generations>; SHARDS],
+    /// Randomly keyed so that a sprayer cannot aim its addresses at one victim's shard, which
+    /// would evict the victim `SHARDS` times sooner.
+    shard_of: RandomState,
+    generation: usize,
+}
+
+impl ClientStore {
+    /// Holds at most `max_clients` addresses (two generations in every shard).
+    fn new(max_clients: usize) -> ClientStore {
+        ClientStore {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            shard_of: RandomState::new(),
+            generation: (max_clients / (2 * SHARDS)).max(1),
+        }
+    }
+
+    fn shard(&self, key: &IpAddr) -> &Mutex<Generations> {
+        &self.shards[self.shard_of.hash_one(key) as usize % SHARDS]
+    }
+
+    fn each_shard(&self, mut visit: impl FnMut(&mut Generations)) {
+        for shard in &self.shards {
+            // A poisoned lock only means another thread panicked mid-check; the maps are intact.
+            visit(&mut shard.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+}
+
+impl StateStore for ClientStore {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        shard.measure_and_replace(*key, self.generation, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for ClientStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.each_shard(|g| {
+            g.current.retain(|_, tat| *tat > drop_below);
+            g.previous.retain(|_, tat| *tat > drop_below);
+        });
+    }
+
+    fn shrink_to_fit(&self) {
+        self.each_shard(|g| {
+            g.current.shrink_to_fit();
+            g.previous.shrink_to_fit();
+        });
+    }
+
+    fn len(&self) -> usize {
+        let mut len = 0;
+        self.each_shard(|g| len += g.current.len() + g.previous.len());
+        len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One shard's addresses and their GCRA state (theoretical arrival time): those seen since the
+/// last rotation, and those seen only in the generation before. An address is in at most one.
+#[derive(Default)]
+struct Generations {
+    current: HashMap<IpAddr, Nanos>,
+    previous: HashMap<IpAddr, Nanos>,
+}
+
+impl Generations {
+    fn measure_and_replace<T, E>(
+        &mut self,
+        key: IpAddr,
+        generation: usize,
+        f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    ) -> Result<T, E> {
+        if let Some(tat) = self.current.get_mut(&key) {
+            let (outcome, next) = f(Some(*tat))?;
+            *tat = next;
+            return Ok(outcome);
+        }
+        let seen = self.previous.remove(&key);
+        let decision = f(seen);
+        // A refused request still counts as being seen: a client that keeps sending while refused
+        // is the one that must stay remembered.
+        let kept = match &decision {
+            Ok((_, next)) => Some(*next),
+            Err(_) => seen,
+        };
+        if let Some(tat) = kept {
+            if self.current.len() >= generation {
+                self.rotate();
+            }
+            self.current.insert(key, tat);
+        }
+        decision.map(|(outcome, _)| outcome)
+    }
+
+    /// Forgets the addresses not seen since the last rotation: the least recently seen.
+    fn rotate(&mut self) {
+        mem::swap(&mut self.current, &mut self.previous);
+        // Keeps the allocation: under a flood the next generation fills it again at once.
+        self.current.clear();
     }
 }
 
 /// The key a client is limited by: its IPv4 address, or its IPv6 /64, since one subscriber gets a
-/// whole /64 and could otherwise take a fresh address for every request.
-fn client_key(ip: IpAddr) -> IpAddr {
+/// whole /64 and could otherwise take a fresh address for every request. The listener keys its
+/// per-client connection cap with it too, so both limits see the same clients.
+pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
         },
         v4 => v4,
     }
@@ -178,6 +267,11 @@ mod tests {
             global_rps,
             global_burst,
         }
+    }
+
+    /// The `i`th address of a spray, in 10.0.0.0/8, clear of the other tests' addresses.
+    fn sprayed(i: u32) -> IpAddr {
+        IpAddr::from((0x0a00_0000 + i).to_be_bytes())
     }
 
     #[test]
@@ -224,7 +318,19 @@ mod tests {
     }
 
     #[test]
-    fn an_ipv6_64_is_one_client_and_the_store_stays_bounded() {
+    fn pruning_keeps_clients_still_short_of_their_allowance() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(&config(1.0, 1, 0.0, 0), clock.clone());
+        let a: IpAddr = "203.0.113.1".parse().unwrap();
+        assert!(limits.check(a).is_ok());
+        clock.advance(Duration::from_millis(500));
+        limits.prune();
+        assert_eq!(limits.tracked_clients(), 1);
+        assert_eq!(limits.check(a).unwrap_err().0, Scope::PerClient);
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_client_and_a_v4_mapped_address_is_its_v4() {
         let clock = FakeRelativeClock::default();
         let limits = RateLimits::with_clock(&config(0.001, 1, 0.0, 0), clock);
         assert!(limits.check("2001:db8:1:2::1".parse().unwrap()).is_ok());
@@ -232,12 +338,96 @@ mod tests {
             .check("2001:db8:1:2:ffff::9".parse().unwrap())
             .is_err());
         assert!(limits.check("2001:db8:1:3::1".parse().unwrap()).is_ok());
-        // A spray of fresh addresses, each within its allowance, never grows it past the cap by
-        // more than one size-check interval.
-        for i in 0..(MAX_TRACKED_CLIENTS as u32 + 5_000) {
-            let _ = limits.check(IpAddr::from(i.to_be_bytes()));
+        assert!(limits.check("192.0.2.9".parse().unwrap()).is_ok());
+        assert!(limits.check("::ffff:192.0.2.9".parse().unwrap()).is_err());
+        assert_eq!(
+            client_key("2001:db8:1:2:ffff::9".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_key("::ffff:192.0.2.9".parse().unwrap()),
+            "192.0.2.9".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_client_that_keeps_sending_stays_limited_through_an_address_spray() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(&config(0.001, 1, 0.0, 0), clock);
+        let victim: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(limits.check(victim).is_ok());
+        assert!(limits.check(victim).is_err());
+        for i in 0..(MAX_TRACKED_CLIENTS as u32 * 2) {
+            let _ = limits.check(sprayed(i));
+            if i % 1000 == 999 {
+                assert_eq!(
+                    limits.check(victim).map_err(|(scope, _)| scope),
+                    Err(Scope::PerClient),
+                    "after {} sprayed addresses",
+                    i + 1
+                );
+            }
         }
-        assert!(limits.tracked_clients() <= MAX_TRACKED_CLIENTS + SIZE_CHECK_EVERY as usize);
+    }
+
+    #[test]
+    fn an_address_spray_keeps_the_store_bounded_and_forgets_the_quiet() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(&config(0.001, 1, 0.0, 0), clock);
+        let quiet: IpAddr = "198.51.100.8".parse().unwrap();
+        assert!(limits.check(quiet).is_ok());
+        assert!(limits.check(quiet).is_err());
+        for i in 0..(MAX_TRACKED_CLIENTS as u32 * 2) {
+            let _ = limits.check(sprayed(i));
+            if i % 1000 == 999 {
+                assert!(limits.tracked_clients() <= MAX_TRACKED_CLIENTS);
+            }
+        }
+        // Still remembering most of the spray: eviction is by generation, not a reset.
+        assert!(limits.tracked_clients() >= MAX_TRACKED_CLIENTS / 2);
+        // The cost of staying bounded: a client silent through the whole spray is forgotten.
+        assert!(limits.check(quiet).is_ok());
+    }
+
+    #[test]
+    fn eviction_drops_the_least_recently_seen_address() {
+        let mut shard = Generations::default();
+        let seen = |shard: &mut Generations, key: &str| {
+            let key: IpAddr = key.parse().unwrap();
+            shard
+                .measure_and_replace(key, 2, |tat| {
+                    Ok::<_, ()>((tat, tat.map_or(Nanos::from(1), |t| t + Nanos::from(1))))
+                })
+                .unwrap()
+        };
+        assert_eq!(seen(&mut shard, "192.0.2.1"), None);
+        assert_eq!(seen(&mut shard, "192.0.2.2"), None);
+        // Starts a new generation: .1 and .2 are now the previous one.
+        assert_eq!(seen(&mut shard, "192.0.2.3"), None);
+        // Seen again, .1 is brought into the current generation with its state.
+        assert_eq!(seen(&mut shard, "192.0.2.1"), Some(Nanos::from(1)));
+        // Starts another: .2, the least recently seen, is the one forgotten.
+        assert_eq!(seen(&mut shard, "192.0.2.4"), None);
+        assert_eq!(seen(&mut shard, "192.0.2.1"), Some(Nanos::from(2)));
+        assert_eq!(seen(&mut shard, "192.0.2.3"), Some(Nanos::from(1)));
+        assert_eq!(seen(&mut shard, "192.0.2.2"), None);
+    }
+
+    #[test]
+    fn a_refused_request_keeps_the_client_recent() {
+        let mut shard = Generations::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let allow =
+            |tat: Option<Nanos>| Ok::<_, ()>(((), tat.unwrap_or_default() + Nanos::from(5)));
+        let refuse = |_: Option<Nanos>| Err::<((), Nanos), ()>(());
+        assert!(shard.measure_and_replace(a, 1, allow).is_ok());
+        // A newcomer rotates `a` into the previous generation.
+        assert!(shard
+            .measure_and_replace("192.0.2.2".parse().unwrap(), 1, allow)
+            .is_ok());
+        assert!(shard.measure_and_replace(a, 1, refuse).is_err());
+        assert_eq!(shard.current.get(&a), Some(&Nanos::from(5)));
+        assert!(!shard.previous.contains_key(&a));
     }
 
     #[test]
