@@ -16,6 +16,7 @@ pub mod demo;
 pub mod devpki;
 pub mod doctor;
 pub mod filter;
+pub mod h1scan;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -158,6 +159,8 @@ impl Gateway {
             rate_limits.clone(),
             trusted_proxies,
             config.scep.strict,
+            proxy::ForwardHeaders::parse(&config.upstream.forward_headers)?,
+            config.limits.request_timeout,
         ));
         let settings = Arc::new(ListenerSettings::from_config(config));
         let (shutdown, rx) = watch::channel(false);
