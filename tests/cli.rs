@@ -46,6 +46,47 @@ fn check_prints_the_effective_settings_of_a_good_config() {
 }
 
 #[test]
+fn check_prints_the_headers_that_reach_ndes_and_refuses_dangerous_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(dir.path()).unwrap();
+    let path = config(
+        dir.path(),
+        &pki.gateway_cert,
+        &pki.gateway_key,
+        "forward_headers = [\"X-Site-Tag\"]\n",
+    );
+    let out = gateway(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("# request headers that reach NDES, all others dropped: host, content-type, content-length, user-agent, accept, x-forwarded-for, x-forwarded-proto, x-site-tag"),
+        "{stdout}"
+    );
+    for key in [
+        "send_timeout = \"30s\"",
+        "max_response_bytes = 262144",
+        "max_header_count = 100",
+        "request_timeout = \"3m\"",
+        "max_connections_per_client = 512",
+    ] {
+        assert!(stdout.contains(key), "{key} missing from:\n{stdout}");
+    }
+    let path = config(
+        dir.path(),
+        &pki.gateway_cert,
+        &pki.gateway_key,
+        "forward_headers = [\"Range\"]\n",
+    );
+    let out = gateway(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("upstream.forward_headers") && stderr.contains("Range"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn check_names_the_file_key_and_problem_of_a_broken_config() {
     let dir = tempfile::tempdir().unwrap();
     let pki = devpki::generate(dir.path()).unwrap();

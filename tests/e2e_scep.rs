@@ -224,6 +224,39 @@ async fn a_real_pkcsreq_sent_as_get_enrols_through_the_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_pkcsreq_posted_chunked_enrols_through_the_gateway() {
+    let chain = Chain::start().await;
+    let pkcsreq = record_pkcsreq(&chain, "chunked-device").await;
+    // As Java and Go clients stream a body: chunked, no Content-Length, in uneven pieces.
+    let mut req = format!(
+        "POST {SCEP}?operation=PKIOperation HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-pki-message\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for part in pkcsreq.chunks(1000) {
+        req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        req.extend_from_slice(part);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = raw_request(chain.public.local_addr(), &chain.pki.root, &req).await;
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK", "{}", r.text());
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/x-pki-message")
+    );
+    assert_eq!(
+        chain.issued("chunked-device").len(),
+        1,
+        "scepserver issued no certificate for the chunked POST"
+    );
+    let scrape = chain.public.metrics.render();
+    assert!(
+        scrape.contains("ndes_gateway_scep_messages_total{fail_info=\"none\",message_type=\"PKCSReq\",pki_status=\"SUCCESS\"} 1"),
+        "{scrape}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_passes_against_scepserver_behind_a_tls_front() {
     let chain = Chain::start().await;
     let text = demo::public_config_text(

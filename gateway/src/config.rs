@@ -43,6 +43,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// once, a client holding thousands is an attack.
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 512;
 pub const MAX_CONCURRENT_STREAMS: u32 = 16;
+/// A client that takes no response bytes for this long is not a SCEP client reading its answer:
+/// a few KB go out in one flight to anything alive (nginx's send_timeout is 60 s; Apache's 60 s).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// IIS's own limit on header fields is its 16 KiB MaxRequestBytes; hyper's and nginx's parsers stop
+/// at 100 fields. No SCEP client sends more than about ten.
+pub const MAX_HEADER_COUNT: usize = 100;
+/// Head to last byte of the answer: the body timeout, NDES's response timeout and a send window
+/// fit inside with room to spare, so this only ends what no other limit caught.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
+/// A CertRep or a GetCACert answer is a few KB (a long CA chain in PKCS#7 some tens); NDES's answer
+/// is read whole before the client is written to, so this bounds what each request may hold.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// NDES waits on Intune's challenge validation and on the CA before it answers a PKIOperation;
 /// Entra Application Proxy's 85 s default is known to be too short for it.
@@ -205,9 +217,14 @@ pub struct ListenConfig {
         deserialize_with = "duration"
     )]
     pub reload_check_interval: Duration,
-    /// Connections one client address may hold open at once; 0 turns the cap off.
+    /// Connections one client address (an IPv6 client by its /64) may hold open at once; 0 turns
+    /// the cap off.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
+    /// A client that accepts no response bytes for this long loses its stream (HTTP/2) or its
+    /// connection (HTTP/1.1).
+    #[serde(default = "default_send_timeout", deserialize_with = "duration")]
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +252,14 @@ pub struct UpstreamConfig {
     /// Requests sent to NDES at once; more wait up to connect_timeout, then get 503.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// NDES's answer is read whole, up to this many bytes, before the client is written to; a
+    /// larger answer is a 502.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Request header names forwarded to NDES beside the fixed allowlist (Content-Type,
+    /// User-Agent, Accept; Host, Content-Length and X-Forwarded-* are the gateway's own).
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,6 +277,12 @@ pub struct LimitsConfig {
     pub header_timeout: Duration,
     #[serde(default = "default_body_timeout", deserialize_with = "duration")]
     pub body_timeout: Duration,
+    /// Header fields in one request, over HTTP/1.1 and HTTP/2 alike.
+    #[serde(default = "default_max_header_count")]
+    pub max_header_count: usize,
+    /// One request, from its head to the last byte of its answer.
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    pub request_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -263,6 +294,8 @@ impl Default for LimitsConfig {
             max_body_bytes: MAX_BODY_BYTES,
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
+            max_header_count: MAX_HEADER_COUNT,
+            request_timeout: REQUEST_TIMEOUT,
         }
     }
 }
@@ -350,6 +383,18 @@ fn default_header_timeout() -> Duration {
 }
 fn default_body_timeout() -> Duration {
     BODY_TIMEOUT
+}
+fn default_max_header_count() -> usize {
+    MAX_HEADER_COUNT
+}
+fn default_request_timeout() -> Duration {
+    REQUEST_TIMEOUT
+}
+fn default_send_timeout() -> Duration {
+    SEND_TIMEOUT
+}
+fn default_max_response_bytes() -> usize {
+    MAX_RESPONSE_BYTES
 }
 fn default_log_level() -> String {
     "info".to_owned()
@@ -446,6 +491,8 @@ impl Config {
         for (key, d) in [
             ("limits.header_timeout", l.header_timeout),
             ("limits.body_timeout", l.body_timeout),
+            ("limits.request_timeout", l.request_timeout),
+            ("listen.send_timeout", self.listen.send_timeout),
             ("listen.handshake_timeout", self.listen.handshake_timeout),
             ("listen.idle_timeout", self.listen.idle_timeout),
             (
@@ -458,6 +505,48 @@ impl Config {
             if d.is_zero() {
                 return bad(key, "must be more than zero".to_owned());
             }
+        }
+        // Far past any sensible value, and far from where adding them to a clock overflows.
+        const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+        for (key, d) in [
+            ("limits.header_timeout", l.header_timeout),
+            ("limits.body_timeout", l.body_timeout),
+            ("limits.request_timeout", l.request_timeout),
+            ("listen.send_timeout", self.listen.send_timeout),
+            ("listen.handshake_timeout", self.listen.handshake_timeout),
+            ("listen.idle_timeout", self.listen.idle_timeout),
+            ("listen.drain_timeout", self.listen.drain_timeout),
+            (
+                "listen.reload_check_interval",
+                self.listen.reload_check_interval,
+            ),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+            (
+                "upstream.pool_idle_timeout",
+                self.upstream.pool_idle_timeout,
+            ),
+            ("admin.probe_interval", self.admin.probe_interval),
+            ("admin.probe_timeout", self.admin.probe_timeout),
+            ("scep.cert_check_interval", self.scep.cert_check_interval),
+        ] {
+            if d > MAX_DURATION {
+                return bad(key, "is over 30 days".to_owned());
+            }
+        }
+        // The request's own deadline is a backstop: everything a request may wait for fits in
+        // it, so it never cuts short what the other timeouts allow.
+        let u = &self.upstream;
+        let needed = l.body_timeout + u.connect_timeout * 2 + u.response_timeout;
+        if l.request_timeout < needed {
+            return bad(
+                "limits.request_timeout",
+                format!(
+                    "{} is shorter than limits.body_timeout + 2 x upstream.connect_timeout (queue and connect) + upstream.response_timeout = {}; raise it",
+                    humantime::format_duration(l.request_timeout),
+                    humantime::format_duration(needed)
+                ),
+            );
         }
         let r = &self.rate_limit;
         for (key, rps) in [
@@ -481,6 +570,20 @@ impl Config {
             }
         }
         crate::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
+        if l.max_header_count == 0 || l.max_header_count > 10_000 {
+            return bad(
+                "limits.max_header_count",
+                format!("{} is out of range: 1 to 10000", l.max_header_count),
+            );
+        }
+        let m = self.upstream.max_response_bytes;
+        if !(1024..=64 * 1024 * 1024).contains(&m) {
+            return bad(
+                "upstream.max_response_bytes",
+                format!("{m} is out of range: 1024 to 67108864"),
+            );
+        }
+        crate::proxy::ForwardHeaders::parse(&self.upstream.forward_headers)?;
         if self.upstream.max_in_flight == 0 {
             return bad("upstream.max_in_flight", "must be at least 1".to_owned());
         }
@@ -524,6 +627,7 @@ mod tests {
     #[test]
     fn durations_are_strings() {
         let text = MINIMAL.replace("[upstream]", "[upstream]\nresponse_timeout = \"3m\"");
+        let text = format!("{text}\n[limits]\nrequest_timeout = \"10m\"\n");
         assert_eq!(
             Config::parse(&text).unwrap().upstream.response_timeout,
             Duration::from_secs(180)
@@ -560,6 +664,21 @@ mod tests {
             example.upstream.pool_idle_timeout,
             defaults.upstream.pool_idle_timeout
         );
+    }
+
+    #[test]
+    fn the_request_deadline_leaves_room_for_the_others() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nresponse_timeout = \"300s\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("limits.request_timeout"), "{err}");
+        let text = format!("{text}\n[limits]\nrequest_timeout = \"340s\"\n");
+        assert!(Config::parse(&text).is_ok());
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nresponse_timeout = \"100000000s\"",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("over 30 days"), "{err}");
     }
 
     #[test]

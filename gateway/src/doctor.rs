@@ -306,6 +306,7 @@ async fn upstream_checks(upstream: Arc<Upstream>) -> Vec<Finding> {
                 UpstreamErrorKind::PinMismatch => "update upstream.spki_sha256 to the NDES certificate's current key (ndes-gateway certs pin --connect)",
                 UpstreamErrorKind::Timeout => "NDES did not answer in time: is IIS running and reachable?",
                 UpstreamErrorKind::Protocol | UpstreamErrorKind::Busy => "NDES answered in a way the gateway could not read",
+                UpstreamErrorKind::ResponseTooLarge => "NDES's answer is over upstream.max_response_bytes: raise it if that answer is right",
             };
             out.push(finding(
                 "upstream_tls",

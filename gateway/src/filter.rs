@@ -5,7 +5,7 @@
 //! validate"), or a [`Rejection`] that carries its status, its metric label and the config key an
 //! operator would change.
 
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 
 use crate::config::LimitsConfig;
@@ -80,10 +80,16 @@ pub enum RejectReason {
     BodyTimeout,
     ScepUnparsable,
     BadRequest,
+    TooManyHeaders,
+    MissingHost,
+    Fragment,
+    SendTimeout,
+    RequestTimeout,
+    ClientCancelled,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 21] = [
         RejectReason::UriTooLong,
         RejectReason::QueryTooLong,
         RejectReason::HeadersTooLarge,
@@ -99,6 +105,12 @@ impl RejectReason {
         RejectReason::BodyTimeout,
         RejectReason::ScepUnparsable,
         RejectReason::BadRequest,
+        RejectReason::TooManyHeaders,
+        RejectReason::MissingHost,
+        RejectReason::Fragment,
+        RejectReason::SendTimeout,
+        RejectReason::RequestTimeout,
+        RejectReason::ClientCancelled,
     ];
 
     pub fn label(self) -> &'static str {
@@ -118,6 +130,12 @@ impl RejectReason {
             RejectReason::BodyTimeout => "body_timeout",
             RejectReason::ScepUnparsable => "scep_unparsable",
             RejectReason::BadRequest => "bad_request",
+            RejectReason::TooManyHeaders => "too_many_headers",
+            RejectReason::MissingHost => "missing_host",
+            RejectReason::Fragment => "fragment",
+            RejectReason::SendTimeout => "send_timeout",
+            RejectReason::RequestTimeout => "request_timeout",
+            RejectReason::ClientCancelled => "client_cancelled",
         }
     }
 }
@@ -175,6 +193,7 @@ pub struct RequestLimits {
     pub max_query_bytes: usize,
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
+    pub max_header_count: usize,
 }
 
 impl From<&LimitsConfig> for RequestLimits {
@@ -184,8 +203,18 @@ impl From<&LimitsConfig> for RequestLimits {
             max_query_bytes: c.max_query_bytes,
             max_header_bytes: c.max_header_bytes,
             max_body_bytes: c.max_body_bytes,
+            max_header_count: c.max_header_count,
         }
     }
+}
+
+/// What the HTTP/1.1 parser saw on the wire and the parsed request no longer shows: a `#` in the
+/// request-target (the URI type cuts the target there) and a Content-Length beside a
+/// Transfer-Encoding (the parser drops the length). Found by the edge's own read of the bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WireFacts {
+    pub fragment: bool,
+    pub length_and_chunked: bool,
 }
 
 /// The length of the request-target as the client sent it: the `:path` over HTTP/2; over
@@ -222,6 +251,27 @@ impl RequestLimits {
         version: Version,
         headers: &HeaderMap,
     ) -> Result<ScepRequest, Rejection> {
+        self.check_wire(method, uri, version, headers, WireFacts::default())
+    }
+
+    /// The same, with what the edge saw of the request on the wire.
+    pub fn check_wire(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        headers: &HeaderMap,
+        wire: WireFacts,
+    ) -> Result<ScepRequest, Rejection> {
+        if wire.fragment {
+            // RFC 9112 §3.2: a request-target has no fragment; NDES and the gateway could read
+            // what follows the `#` differently, so it is refused, never cut off and forwarded.
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                RejectReason::Fragment,
+                "a request-target carries no fragment ('#')".to_owned(),
+            ));
+        }
         let target = request_target_len(uri, version);
         if target > self.max_uri_bytes {
             return Err(Rejection::limit(
@@ -245,6 +295,17 @@ impl RequestLimits {
                 "limits.max_query_bytes",
             ));
         }
+        if headers.len() > self.max_header_count {
+            return Err(Rejection::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                RejectReason::TooManyHeaders,
+                format!(
+                    "the request has {} header fields, over the limit of {} (limits.max_header_count)",
+                    headers.len(),
+                    self.max_header_count
+                ),
+            ));
+        }
         let head = header_bytes(headers);
         if head > self.max_header_bytes {
             return Err(Rejection::limit(
@@ -256,7 +317,25 @@ impl RequestLimits {
                 "limits.max_header_bytes",
             ));
         }
-        let content_length = check_framing(headers)?;
+        if version == Version::HTTP_11 {
+            let hosts = headers.get_all(HOST).iter().count();
+            if hosts != 1 {
+                // RFC 9112 §3.2: none, or more than one, is a 400.
+                return Err(Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    RejectReason::MissingHost,
+                    format!("an HTTP/1.1 request carries exactly one Host header, not {hosts}"),
+                ));
+            }
+        }
+        if wire.length_and_chunked {
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                RejectReason::AmbiguousFraming,
+                "Content-Length and Transfer-Encoding together: send one of them".to_owned(),
+            ));
+        }
+        let (content_length, chunked) = check_framing(headers)?;
 
         let path = scep_path(uri.path()).ok_or_else(|| {
             Rejection::new(
@@ -307,7 +386,7 @@ impl RequestLimits {
                 }
             }
             check_pki_message_type(headers)?;
-        } else if content_length.is_some_and(|l| l > 0) {
+        } else if chunked || content_length.is_some_and(|l| l > 0) {
             // A GET with a body is a framing trick, not SCEP: nothing upstream would read it.
             return Err(Rejection::new(
                 StatusCode::BAD_REQUEST,
@@ -377,11 +456,12 @@ fn operation_of(query: &str) -> Result<ScepOperation, Rejection> {
     })
 }
 
-/// One unambiguous body length, or none. A Transfer-Encoding is refused outright: NDES (IIS) takes
-/// no chunked uploads by default and every SCEP client sends a Content-Length, and hyper, which
-/// lets Transfer-Encoding win over a Content-Length as RFC 9112 says, hides the Content-Length
-/// from us: refusing both is the only way to refuse the pair, the classic smuggling vector.
-fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
+/// One unambiguous body length, or none, and whether the body comes chunked. Chunked alone is
+/// accepted (Java and Go SCEP clients stream bodies that way; the gateway reads the body whole and
+/// sends it on with a length). With a Content-Length beside it (which the parser hides, see
+/// [`WireFacts`]), with any other coding, or written any other way, it is the classic smuggling
+/// vector and refused.
+fn check_framing(headers: &HeaderMap) -> Result<(Option<u64>, bool), Rejection> {
     let ambiguous = |detail: &str| {
         Rejection::new(
             StatusCode::BAD_REQUEST,
@@ -389,14 +469,26 @@ fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
             detail.to_owned(),
         )
     };
-    if headers.contains_key(TRANSFER_ENCODING) {
-        return Err(ambiguous(
-            "Transfer-Encoding is not accepted: send the body with a Content-Length, as NDES requires",
-        ));
-    }
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    if let Some(coding) = codings.next() {
+        let chunked = coding
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !chunked || codings.next().is_some() {
+            return Err(ambiguous(
+                "the only Transfer-Encoding accepted is chunked, once, alone",
+            ));
+        }
+        if lengths.next().is_some() {
+            return Err(ambiguous(
+                "Content-Length and Transfer-Encoding together: send one of them",
+            ));
+        }
+        return Ok((None, true));
+    }
     let Some(first) = lengths.next() else {
-        return Ok(None);
+        return Ok((None, false));
     };
     let parsed = first
         .to_str()
@@ -407,7 +499,7 @@ fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
     if lengths.any(|other| other != first) {
         return Err(ambiguous("more than one Content-Length"));
     }
-    Ok(Some(parsed))
+    Ok((Some(parsed), false))
 }
 
 /// scepclient posts application/octet-stream, the RFC says application/x-pki-message, sscep
@@ -438,7 +530,7 @@ fn check_pki_message_type(headers: &HeaderMap) -> Result<(), Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderName, HeaderValue};
 
     fn limits() -> RequestLimits {
         RequestLimits::from(&LimitsConfig::default())
@@ -446,7 +538,13 @@ mod tests {
 
     fn check(method: Method, target: &str) -> Result<ScepRequest, Rejection> {
         let uri: Uri = target.parse().unwrap();
-        limits().check(&method, &uri, Version::HTTP_11, &HeaderMap::new())
+        limits().check(&method, &uri, Version::HTTP_11, &host())
+    }
+
+    fn host() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("scep.example.test"));
+        h
     }
 
     fn status(r: Result<ScepRequest, Rejection>) -> u16 {
@@ -566,6 +664,54 @@ mod tests {
     }
 
     #[test]
+    fn host_fragment_and_header_count() {
+        let uri: Uri = "/certsrv/mscep/mscep.dll?operation=GetCACaps"
+            .parse()
+            .unwrap();
+        let l = limits();
+        let none = l.check(&Method::GET, &uri, Version::HTTP_11, &HeaderMap::new());
+        assert_eq!(none.unwrap_err().reason, RejectReason::MissingHost);
+        let mut two = host();
+        two.append(HOST, HeaderValue::from_static("other.test"));
+        let two = l.check(&Method::GET, &uri, Version::HTTP_11, &two);
+        assert_eq!(two.unwrap_err().reason, RejectReason::MissingHost);
+        // HTTP/1.0 and HTTP/2 (:authority) need no Host header.
+        assert!(l
+            .check(&Method::GET, &uri, Version::HTTP_10, &HeaderMap::new())
+            .is_ok());
+        assert!(l
+            .check(&Method::GET, &uri, Version::HTTP_2, &HeaderMap::new())
+            .is_ok());
+        let wire = WireFacts {
+            fragment: true,
+            length_and_chunked: false,
+        };
+        let frag = l.check_wire(&Method::GET, &uri, Version::HTTP_11, &host(), wire);
+        assert_eq!(frag.unwrap_err().status, StatusCode::BAD_REQUEST);
+        let mut h = host();
+        for i in 0..99 {
+            h.insert(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        assert!(l.check(&Method::GET, &uri, Version::HTTP_2, &h).is_ok());
+        h.insert("x-one-more", HeaderValue::from_static("1"));
+        let over = l
+            .check(&Method::GET, &uri, Version::HTTP_2, &h)
+            .unwrap_err();
+        assert_eq!(
+            (over.status.as_u16(), over.reason),
+            (431, RejectReason::TooManyHeaders)
+        );
+        assert!(
+            over.body().contains("limits.max_header_count"),
+            "{}",
+            over.body()
+        );
+    }
+
+    #[test]
     fn headers_counted_as_on_the_wire() {
         let mut h = HeaderMap::new();
         h.insert("x-a", HeaderValue::from_static("12345"));
@@ -578,7 +724,7 @@ mod tests {
             .parse()
             .unwrap();
         let run = |pairs: &[(&'static str, &'static str)]| {
-            let mut h = HeaderMap::new();
+            let mut h = host();
             for (k, v) in pairs {
                 h.append(*k, HeaderValue::from_static(v));
             }
@@ -593,6 +739,17 @@ mod tests {
             400
         );
         assert_eq!(run(&[("content-length", "+10")]), 400);
+        assert_eq!(run(&[("transfer-encoding", "chunked")]), 200);
+        assert_eq!(run(&[("transfer-encoding", "Chunked ")]), 200);
+        assert_eq!(run(&[("transfer-encoding", "chunked, identity")]), 400);
+        assert_eq!(run(&[("transfer-encoding", "gzip")]), 400);
+        assert_eq!(
+            run(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]),
+            400
+        );
         assert_eq!(run(&[("content-length", "65536")]), 200);
         assert_eq!(run(&[("content-length", "65537")]), 413);
         assert_eq!(run(&[("content-type", "text/html")]), 415);

@@ -160,7 +160,6 @@ impl Gateway {
             trusted_proxies,
             config.scep.strict,
             proxy::ForwardHeaders::parse(&config.upstream.forward_headers)?,
-            config.limits.request_timeout,
         ));
         let settings = Arc::new(ListenerSettings::from_config(config));
         let (shutdown, rx) = watch::channel(false);

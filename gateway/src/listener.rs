@@ -15,7 +15,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -24,9 +24,15 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::client_addr::{read_proxy_header, Prefixed};
 use crate::config::Config;
+use crate::filter::{request_target_len, RejectReason, WireFacts};
+use crate::h1scan::HeadScan;
 use crate::metrics::{Metrics, REASON_HEADER_TIMEOUT, REASON_MALFORMED};
 use crate::proxy::{GatewayBody, Proxy};
+use crate::ratelimit::client_key;
 
+/// Past `limits.request_timeout` the gateway answers 408 or 504 itself; this long more lets that
+/// answer out before a connection whose answer is still going is cut.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
 /// How long an idle connection told to close may take to go before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Room in hyper's HTTP/1.1 read buffer beyond the request-target and header limits: the method,
@@ -34,6 +40,11 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 const HEAD_SLACK_BYTES: usize = 8 * 1024;
 /// HTTP/2 counts 32 bytes of overhead per header field (RFC 9113 §6.5.2) on top of the same limits.
 const H2_HEADER_LIST_SLACK_BYTES: usize = 8 * 1024;
+/// An HTTP/2 peer is sent a PING after this long without a frame, and closed if it does not answer
+/// within the same time: a dead peer is let go without waiting for the idle timeout.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// hyper's own ceiling on HTTP/1.1 header fields, which the default limit matches.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 pub struct ListenerSettings {
     pub handshake_timeout: Duration,
@@ -42,9 +53,13 @@ pub struct ListenerSettings {
     pub proxy_protocol: bool,
     /// How long requests in flight may take to finish once the gateway is stopping.
     pub drain_timeout: Duration,
+    /// A client that takes no response bytes for this long loses its stream or its connection.
+    pub send_timeout: Duration,
+    /// One request, head to last byte.
+    pub request_timeout: Duration,
     per_client: Option<PerClientSlots>,
     http1: http1::Builder,
-    http2: Option<http2::Builder<TokioExecutor>>,
+    http2: Option<http2::Builder<StreamExecutor>>,
 }
 
 impl ListenerSettings {
@@ -59,9 +74,15 @@ impl ListenerSettings {
             .half_close(false)
             .max_buf_size(l.max_uri_bytes + l.max_header_bytes + HEAD_SLACK_BYTES)
             .writev(true);
+        if l.max_header_count != HYPER_DEFAULT_MAX_HEADERS {
+            // One more than the limit, so the field one past it reaches the filter and its
+            // answer names the limit. Left at hyper's default otherwise, which keeps the parser's
+            // header array on the stack.
+            http1.max_headers(l.max_header_count + 1);
+        }
         let window = u32::try_from(l.max_body_bytes.max(65_535)).unwrap_or(u32::MAX);
         let http2 = c.listen.http2.then(|| {
-            let mut b = http2::Builder::new(TokioExecutor::new());
+            let mut b = http2::Builder::new(StreamExecutor);
             b.timer(TokioTimer::new())
                 // hyper's default of 16 KiB would refuse a 65534-byte :path.
                 .max_header_list_size(
@@ -72,7 +93,8 @@ impl ListenerSettings {
                 // client cannot park megabytes in a connection.
                 .initial_stream_window_size(window)
                 .initial_connection_window_size(window.saturating_mul(4))
-                .keep_alive_interval(None)
+                .keep_alive_interval(Some(H2_KEEP_ALIVE))
+                .keep_alive_timeout(H2_KEEP_ALIVE)
                 .max_pending_accept_reset_streams(Some(20))
                 .max_local_error_reset_streams(Some(1024));
             b
@@ -83,6 +105,8 @@ impl ListenerSettings {
             max_connections: c.listen.max_connections,
             proxy_protocol: c.listen.proxy_protocol,
             drain_timeout: c.listen.drain_timeout,
+            send_timeout: c.listen.send_timeout,
+            request_timeout: c.limits.request_timeout,
             per_client: (c.listen.max_connections_per_client > 0).then(|| PerClientSlots {
                 max: c.listen.max_connections_per_client,
                 open: Mutex::new(HashMap::new()),
@@ -197,7 +221,7 @@ async fn serve_connection(
     // trusted proxy speaks for many clients and is not capped.
     let _client_slot = match &settings.per_client {
         Some(slots) if !proxy.trusted_proxies.contains(client.ip()) => {
-            match slots.take(client.ip()) {
+            match slots.take(client_key(client.ip())) {
                 Some(slot) => Some(slot),
                 None => {
                     metrics
@@ -227,17 +251,40 @@ async fn serve_connection(
         }
     };
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let activity = Arc::new(Activity::new());
+    let h2 = is_h2 && settings.http2.is_some();
+    let activity = Arc::new(Activity::new(!h2));
     let in_service = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let guard = InFlight::new(in_service.clone());
+        // What only the bytes showed: an HTTP/1.1 head's `#` or Content-Length beside chunked.
+        let wire = match &in_service.scan {
+            Some(scan) => {
+                let key =
+                    req.method().as_str().len() + 1 + request_target_len(req.uri(), req.version());
+                let found = lock(scan).take(key);
+                WireFacts {
+                    fragment: found.fragment,
+                    length_and_chunked: found.length_and_chunked,
+                }
+            }
+            None => WireFacts::default(),
+        };
         async move {
-            let response = proxy.handle(req, client).await;
+            // hyper calls the service on the connection's task and runs its future on the
+            // stream's, where the stream's clock is.
+            let stream = STREAM.try_with(Arc::clone).ok();
+            let response = proxy.handle(req, client, wire).await;
+            if let Some(stream) = &stream {
+                stream.progress();
+                stream.responded.store(true, Ordering::Release);
+            }
             // Counted in flight until hyper has written the whole body, not just the head.
             Ok::<_, Infallible>(response.map(|inner| TrackedBody {
                 inner,
                 _in_flight: guard,
+                stream,
+                rest: Bytes::new(),
             }))
         }
     });
@@ -248,14 +295,25 @@ async fn serve_connection(
         client,
     };
     let mut io = ActivityIo::new(tls, activity.clone());
-    match (&settings.http2, is_h2) {
+    match (&settings.http2, h2) {
         (Some(h2), true) => {
             let mut conn = Box::pin(h2.serve_connection(TokioIo::new(io), service));
-            ctx.drive(
-                conn.as_mut(),
-                |c| c.graceful_shutdown(),
-                false,
-                &mut shutdown,
+            // The streams' executor finds the connection here, to bound each stream's sending.
+            let shared = Arc::new(ConnShared {
+                activity: activity.clone(),
+                metrics: metrics.clone(),
+                send_timeout: settings.send_timeout,
+                answer_deadline: settings.request_timeout + ANSWER_GRACE,
+                client: client.ip(),
+            });
+            CONN.scope(
+                shared,
+                ctx.drive(
+                    conn.as_mut(),
+                    |c| c.graceful_shutdown(),
+                    false,
+                    &mut shutdown,
+                ),
             )
             .await;
         }
@@ -334,11 +392,22 @@ impl ConnCtx<'_> {
         // When a connection told to close is dropped, whatever it still has in flight.
         let mut closing_deadline: Option<Instant> = None;
         loop {
-            let wake = match closing_deadline {
+            let mut wake = match closing_deadline {
                 Some(deadline) => deadline,
                 None => activity.next_check(settings.idle_timeout, park_after),
             };
+            if let Some(blocked) = activity.write_blocked_since() {
+                wake = wake.min(blocked + settings.send_timeout);
+            }
             tokio::select! {
+                _ = activity.kick.notified() => {
+                    if activity.stalled.load(Ordering::Acquire) && closing_deadline.is_none() {
+                        // A stream was reset for want of progress: the rest of the connection
+                        // gets a GOAWAY rather than another send_timeout each.
+                        graceful(conn.as_mut());
+                        closing_deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                    }
+                }
                 result = conn.as_mut() => {
                     if let Err(e) = result {
                         log_connection_error(&e, self.client, self.metrics, activity);
@@ -352,6 +421,28 @@ impl ConnCtx<'_> {
                     closing_deadline = Some(Instant::now() + settings.drain_timeout);
                 }
                 _ = tokio::time::sleep_until(wake) => {
+                    if activity
+                        .write_blocked_since()
+                        .is_some_and(|since| since.elapsed() >= settings.send_timeout)
+                    {
+                        // Nothing can be written to it, a close_notify included: dropped.
+                        self.metrics.reject(RejectReason::SendTimeout.label());
+                        tracing::info!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection closed: the client took no response bytes within listen.send_timeout");
+                        return false;
+                    }
+                    if can_park
+                        && (activity.in_flight.load(Ordering::Relaxed) > 0
+                            || activity.unflushed.load(Ordering::Relaxed))
+                        && activity.request_started().elapsed()
+                            >= settings.request_timeout + ANSWER_GRACE
+                    {
+                        // The answer is still going out (hyper may hold it all, its body done) to
+                        // a client that takes it a little at a time: the request's own deadline
+                        // ends it.
+                        self.metrics.reject(RejectReason::RequestTimeout.label());
+                        tracing::info!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection closed: the answer was not taken within limits.request_timeout");
+                        return false;
+                    }
                     if closing_deadline.is_some() {
                         tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection dropped after the close grace period");
                         return false;
@@ -405,7 +496,20 @@ impl ConnCtx<'_> {
 struct TrackedBody {
     inner: GatewayBody,
     _in_flight: InFlight,
+    /// The HTTP/2 stream's clock: each frame taken is progress.
+    stream: Option<Arc<StreamState>>,
+    /// What is left of a data frame handed out a slice at a time.
+    rest: Bytes,
 }
+
+/// A large answer goes to hyper a slice at a time, so that its body, and with it the request,
+/// stays in flight until the client has nearly all of it. HTTP/2: hyper hands a whole data frame
+/// to h2 once the stream's window has room for one byte, and h2 holds what the window does not
+/// take; each further slice is asked for only when the client has taken the previous one, so a
+/// client that keeps its window nearly shut parks at most one slice beyond the watch of
+/// `listen.send_timeout`. HTTP/1.1: hyper asks for more only as its write queue drains, and the
+/// request's deadline applies while the answer goes out.
+const SLICE_BYTES: usize = 16 * 1024;
 
 impl Body for TrackedBody {
     type Data = Bytes;
@@ -415,15 +519,39 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if let Some(stream) = &self.stream {
+            stream.progress();
+        }
+        if !self.rest.is_empty() {
+            let n = self.rest.len().min(SLICE_BYTES);
+            return Poll::Ready(Some(Ok(Frame::data(self.rest.split_to(n)))));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) if data.len() > SLICE_BYTES => {
+                    self.rest = data.split_off(SLICE_BYTES);
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }
 
@@ -510,20 +638,34 @@ fn log_connection_error(
         tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %e, "connection error");
         return;
     };
-    if he.is_parse_too_large() {
-        let (what, reason) = if he.to_string().contains("URI too long") {
-            (
-                "request-target over 65534 bytes (limits.max_uri_bytes): answered 414",
-                "uri_too_long",
-            )
-        } else {
-            ("request head over the read buffer (limits.max_uri_bytes + limits.max_header_bytes): answered 431", "headers_too_large")
-        };
+    // A request the parser refused is a request all the same: it gets its access line and its
+    // count, with the reason the gateway's answer gave.
+    let refused = |status: u16, reason: &'static str, detail: &dyn std::fmt::Display| {
         metrics.reject(reason);
-        tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), reason = what, "request refused by the HTTP parser");
+        let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_REQUEST);
+        metrics
+            .requests_total
+            .with_label_values(&["none", "other", code.as_str()])
+            .inc();
+        tracing::info!(
+            target: "ndes_gateway::access",
+            client = %peer.ip(),
+            method = "-",
+            operation = "none",
+            status,
+            rejected = reason,
+            detail = %detail,
+            "request refused by the HTTP parser"
+        );
+    };
+    if he.is_parse_too_large() {
+        let answered = *lock(&activity.refusal);
+        match answered {
+            Some(r) => refused(r.status, r.reason, he),
+            None => refused(431, RejectReason::HeadersTooLarge.label(), he),
+        }
     } else if he.is_parse() {
-        metrics.reject(REASON_MALFORMED);
-        tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), error = %he, "malformed request: answered 400");
+        refused(400, REASON_MALFORMED, he);
     } else if he.is_timeout() && !activity.partial_head.load(Ordering::Relaxed) {
         // hyper re-arms the header timeout between keep-alive requests: this is an idle
         // HTTP/1.1 connection closed, not a slow client.
@@ -555,26 +697,54 @@ struct Activity {
     parking: AtomicBool,
     /// Bytes handed to the stream since it last flushed: not a moment to park.
     unflushed: AtomicBool,
+    /// When the latest request started (ms after the epoch).
+    request_started_ms: AtomicU64,
+    /// HTTP/1.1: what the parser hides of each head (see [`HeadScan`]).
+    scan: Option<Mutex<HeadScan>>,
+    /// Since when (ms after the epoch, plus one; 0: not) the client has taken no bytes written to it.
+    write_blocked_ms: AtomicU64,
+    /// A stream was reset for want of progress.
+    stalled: AtomicBool,
+    /// Wakes the connection's loop when a write blocks or a stream stalls.
+    kick: tokio::sync::Notify,
+    /// What the gateway answered in place of hyper's own refusal, for its access line.
+    refusal: Mutex<Option<Refusal>>,
+}
+
+/// A request the HTTP parser refused, as answered.
+#[derive(Clone, Copy)]
+struct Refusal {
+    status: u16,
+    reason: &'static str,
+}
+
+fn now_ms() -> u64 {
+    Instant::now()
+        .saturating_duration_since(epoch())
+        .as_millis() as u64
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(scan: bool) -> Activity {
         let a = Activity {
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             partial_head: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             unflushed: AtomicBool::new(false),
+            request_started_ms: AtomicU64::new(0),
+            scan: scan.then(|| Mutex::new(HeadScan::default())),
+            write_blocked_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+            kick: tokio::sync::Notify::new(),
+            refusal: Mutex::new(None),
         };
         a.touch();
         a
     }
 
     fn touch(&self) {
-        let ms = Instant::now()
-            .saturating_duration_since(epoch())
-            .as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     fn last(&self) -> Instant {
@@ -583,6 +753,27 @@ impl Activity {
 
     fn is_idle(&self, timeout: Duration) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0 && self.last().elapsed() >= timeout
+    }
+
+    fn request_started(&self) -> Instant {
+        epoch() + Duration::from_millis(self.request_started_ms.load(Ordering::Relaxed))
+    }
+
+    fn write_blocked_since(&self) -> Option<Instant> {
+        match self.write_blocked_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(epoch() + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    fn write_blocked(&self, blocked: bool) {
+        if !blocked {
+            self.write_blocked_ms.store(0, Ordering::Relaxed);
+        } else if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
+            self.write_blocked_ms.store(now_ms() + 1, Ordering::Relaxed);
+            // The loop may be asleep until the idle timeout: it is to look at the send deadline.
+            self.kick.notify_one();
+        }
     }
 
     /// Idle for `after`, between requests, with nothing half-read and nothing left to send.
@@ -627,6 +818,9 @@ impl InFlight {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         activity.partial_head.store(false, Ordering::Relaxed);
         activity.touch();
+        activity
+            .request_started_ms
+            .store(activity.last_ms.load(Ordering::Relaxed), Ordering::Relaxed);
         InFlight(activity)
     }
 }
@@ -635,6 +829,151 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            stream.done.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere mid-update; what it guards is still whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+tokio::task_local! {
+    /// The HTTP/2 connection a stream belongs to, for the executor that starts the stream.
+    static CONN: Arc<ConnShared>;
+    /// The stream being served, for the service and its response body.
+    static STREAM: Arc<StreamState>;
+}
+
+/// What an HTTP/2 connection's streams share with it.
+struct ConnShared {
+    activity: Arc<Activity>,
+    metrics: Arc<Metrics>,
+    send_timeout: Duration,
+    /// From a stream's start to the last byte of its answer.
+    answer_deadline: Duration,
+    client: IpAddr,
+}
+
+/// One HTTP/2 stream's sending: whether its answer is out of the service, and when the client
+/// last took part of it.
+struct StreamState {
+    responded: AtomicBool,
+    done: AtomicBool,
+    started_ms: u64,
+    progress_ms: AtomicU64,
+}
+
+impl StreamState {
+    fn progress(&self) {
+        self.progress_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// When the stream is to be reset, once its answer waits, and for which reason: the client
+    /// took nothing more for `send_timeout`, or the answer is not out by the request's deadline.
+    fn deadline(&self, conn: &ConnShared) -> Option<(Instant, RejectReason)> {
+        if !self.responded.load(Ordering::Acquire) || self.done.load(Ordering::Acquire) {
+            return None;
+        }
+        let progress = Duration::from_millis(self.progress_ms.load(Ordering::Acquire));
+        let stalled = epoch() + progress + conn.send_timeout;
+        let overdue = epoch() + Duration::from_millis(self.started_ms) + conn.answer_deadline;
+        Some(if overdue < stalled {
+            (overdue, RejectReason::RequestTimeout)
+        } else {
+            (stalled, RejectReason::SendTimeout)
+        })
+    }
+}
+
+/// Starts hyper's HTTP/2 streams, each under a watch: a stream whose answer the client takes no
+/// bytes of for `listen.send_timeout` (a zero flow-control window, say) is dropped, which resets
+/// it (RST_STREAM), and its connection is told to go away.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match CONN.try_with(Arc::clone) {
+            Ok(conn) => {
+                let now = now_ms();
+                let state = Arc::new(StreamState {
+                    responded: AtomicBool::new(false),
+                    done: AtomicBool::new(false),
+                    started_ms: now,
+                    progress_ms: AtomicU64::new(now),
+                });
+                tokio::spawn(Watched {
+                    fut: Box::pin(STREAM.scope(state.clone(), fut)),
+                    state,
+                    conn,
+                    sleep: None,
+                });
+            }
+            Err(_) => {
+                tokio::spawn(fut);
+            }
+        }
+    }
+}
+
+/// A stream's future and its send deadline.
+struct Watched<F> {
+    fut: Pin<Box<F>>,
+    state: Arc<StreamState>,
+    conn: Arc<ConnShared>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for Watched<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fut.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        loop {
+            let Some((deadline, reason)) = self.state.deadline(&self.conn) else {
+                return Poll::Pending;
+            };
+            if deadline <= Instant::now() {
+                let conn = &self.conn;
+                conn.metrics.reject(reason.label());
+                let why = match reason {
+                    RejectReason::RequestTimeout => {
+                        "the answer was not taken within limits.request_timeout"
+                    }
+                    _ => "the client took no response bytes within listen.send_timeout",
+                };
+                tracing::info!(target: "ndes_gateway::listener", client = %conn.client, reason = why, "HTTP/2 stream reset");
+                conn.activity.stalled.store(true, Ordering::Release);
+                conn.activity.kick.notify_one();
+                // Dropping the stream's future resets the stream.
+                return Poll::Ready(());
+            }
+            let sleep = match &mut self.sleep {
+                Some(sleep) => {
+                    if sleep.deadline() != deadline {
+                        sleep.as_mut().reset(deadline);
+                    }
+                    sleep
+                }
+                none => none.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
     }
 }
 
@@ -661,13 +1000,26 @@ impl<T> ActivityIo<T> {
     }
 }
 
-/// hyper answers a request-target over the URI type's 65534-byte ceiling (414) and a head over its
-/// read buffer (431) by itself, before the filter sees the request, with an empty body. Those
-/// automatic answers have one exact shape, which no response relayed from NDES has (relayed
-/// responses keep NDES's own headers); it is swapped for the gateway's answer naming the limit.
-fn replacement_for(head: &[u8]) -> Option<&'static [u8]> {
+/// The gateway's answer in place of one of hyper's, and what it says.
+struct Replacement {
+    bytes: &'static [u8],
+    refusal: Refusal,
+}
+
+/// hyper answers a request-target over the URI type's 65534-byte ceiling (414), a head over its
+/// read buffer or with too many fields (431) and a Content-Length it cannot count to (431) by
+/// itself, before the filter sees the request, with an empty body. Those automatic answers have
+/// one exact shape, which no response relayed from NDES has (relayed responses carry the
+/// gateway's Content-Length after NDES's own headers); it is swapped for the gateway's answer
+/// naming the limit.
+fn replacement_for(head: &[u8], activity: &Activity) -> Option<Replacement> {
     const TAIL: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ";
     const DATE_AND_END: usize = 29 + 4;
+    // Every write passes here, bodies included: anything that cannot be one of those short
+    // heads is let go before it is scanned.
+    if head.len() > 192 || !head.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
     let status_end = head.windows(2).position(|w| w == b"\r\n")?;
     let (status, rest) = head.split_at(status_end);
     if !rest.starts_with(TAIL)
@@ -678,16 +1030,31 @@ fn replacement_for(head: &[u8]) -> Option<&'static [u8]> {
     }
     static URI: OnceLock<Vec<u8>> = OnceLock::new();
     static HEAD: OnceLock<Vec<u8>> = OnceLock::new();
-    let (cell, status, reason) = match status {
+    static LENGTH: OnceLock<Vec<u8>> = OnceLock::new();
+    let absurd = || {
+        activity
+            .scan
+            .as_ref()
+            .is_some_and(|scan| lock(scan).take_absurd_length())
+    };
+    let (cell, status, reason, label) = match status {
         b"HTTP/1.1 414 URI Too Long" => (
             &URI,
             "414 URI Too Long",
             "the request-target is over the limit of 65534 bytes (limits.max_uri_bytes)",
+            RejectReason::UriTooLong.label(),
+        ),
+        b"HTTP/1.1 431 Request Header Fields Too Large" if absurd() => (
+            &LENGTH,
+            "413 Payload Too Large",
+            "the Content-Length is over the body limit (limits.max_body_bytes)",
+            RejectReason::BodyTooLarge.label(),
         ),
         b"HTTP/1.1 431 Request Header Fields Too Large" => (
             &HEAD,
             "431 Request Header Fields Too Large",
-            "the request head is over the limits (limits.max_uri_bytes + limits.max_header_bytes)",
+            "the request head is over the limits (limits.max_uri_bytes + limits.max_header_bytes, limits.max_header_count)",
+            RejectReason::HeadersTooLarge.label(),
         ),
         _ => return None,
     };
@@ -699,7 +1066,18 @@ fn replacement_for(head: &[u8]) -> Option<&'static [u8]> {
         )
         .into_bytes()
     });
-    Some(bytes.as_slice())
+    let code = status
+        .split(' ')
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(400);
+    Some(Replacement {
+        bytes: bytes.as_slice(),
+        refusal: Refusal {
+            status: code,
+            reason: label,
+        },
+    })
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -720,6 +1098,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.partial_head.store(true, Ordering::Relaxed);
+            if let Some(scan) = &self.activity.scan {
+                lock(scan).feed(&buf.filled()[before..]);
+            }
         }
         poll
     }
@@ -733,8 +1114,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         self.activity.unflushed.store(true, Ordering::Relaxed);
         if self.replacement.is_none() {
-            if let Some(text) = replacement_for(buf) {
-                self.replacement = Some((text, 0));
+            if let Some(found) = replacement_for(buf, &self.activity) {
+                *lock(&self.activity.refusal) = Some(found.refusal);
+                self.replacement = Some((found.bytes, 0));
             }
         }
         if let Some((text, mut sent)) = self.replacement {
@@ -751,7 +1133,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
             }
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.write_blocked(poll.is_pending());
+        poll
     }
 
     fn poll_write_vectored(
@@ -762,12 +1146,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         // An automatic answer is a head alone: one non-empty slice.
         let mut non_empty = bufs.iter().filter(|b| !b.is_empty());
         if let (Some(only), None) = (non_empty.next(), non_empty.next()) {
-            if self.replacement.is_some() || replacement_for(only).is_some() {
+            if self.replacement.is_none() {
+                if let Some(found) = replacement_for(only, &self.activity) {
+                    *lock(&self.activity.refusal) = Some(found.refusal);
+                    self.replacement = Some((found.bytes, 0));
+                }
+            }
+            if self.replacement.is_some() {
                 return self.poll_write(cx, only);
             }
         }
         self.activity.unflushed.store(true, Ordering::Relaxed);
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.write_blocked(poll.is_pending());
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -779,6 +1171,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         if let Poll::Ready(Ok(())) = poll {
             self.activity.unflushed.store(false, Ordering::Relaxed);
         }
+        self.activity.write_blocked(poll.is_pending());
         poll
     }
 
@@ -796,11 +1189,12 @@ mod tests {
 
     #[test]
     fn replacements_are_whole_responses() {
+        let activity = Activity::new(true);
         for text in [
-            replacement_for(b"HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n"),
-            replacement_for(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n"),
+            replacement_for(b"HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n", &activity),
+            replacement_for(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n", &activity),
         ] {
-            let text = text.expect("hyper's automatic answer is recognised");
+            let text = text.expect("hyper's automatic answer is recognised").bytes;
             let split = text.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
             let head = std::str::from_utf8(&text[..split]).unwrap();
             let len: usize = head
@@ -815,10 +1209,12 @@ mod tests {
 
     #[test]
     fn relayed_responses_are_never_replaced() {
+        let activity = Activity::new(true);
         assert!(replacement_for(
-            b"HTTP/1.1 414 URI Too Long\r\nserver: Microsoft-IIS/10.0\r\ncontent-length: 0\r\n\r\n"
+            b"HTTP/1.1 414 URI Too Long\r\nserver: Microsoft-IIS/10.0\r\ncontent-length: 0\r\n\r\n",
+            &activity
         )
         .is_none());
-        assert!(replacement_for(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n").is_none());
+        assert!(replacement_for(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Wed, 25 Nov 2026 13:44:58 GMT\r\n\r\n", &activity).is_none());
     }
 }

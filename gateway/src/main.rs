@@ -284,6 +284,18 @@ fn check(path: PathBuf) -> Result<(), String> {
         "max_concurrent_streams = {}",
         c.listen.max_concurrent_streams
     );
+    println!("proxy_protocol = {}", c.listen.proxy_protocol);
+    println!("trusted_proxies = {:?}", c.listen.trusted_proxies);
+    println!(
+        "max_connections_per_client = {}",
+        c.listen.max_connections_per_client
+    );
+    println!("send_timeout = \"{}\"", d(c.listen.send_timeout));
+    println!("drain_timeout = \"{}\"", d(c.listen.drain_timeout));
+    println!(
+        "reload_check_interval = \"{}\"",
+        d(c.listen.reload_check_interval)
+    );
     println!("[upstream]");
     println!("url = {:?}", c.upstream.url);
     if let Some(ca) = &c.upstream.ca {
@@ -303,6 +315,14 @@ fn check(path: PathBuf) -> Result<(), String> {
     );
     println!("pool_max_idle = {}", c.upstream.pool_max_idle);
     println!("max_in_flight = {}", c.upstream.max_in_flight);
+    println!("max_response_bytes = {}", c.upstream.max_response_bytes);
+    println!("forward_headers = {:?}", c.upstream.forward_headers);
+    let forward = ndes_gateway::proxy::ForwardHeaders::parse(&c.upstream.forward_headers)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "# request headers that reach NDES, all others dropped: {}",
+        forward.effective().join(", ")
+    );
     println!("[limits]");
     println!("max_uri_bytes = {}", c.limits.max_uri_bytes);
     println!("max_query_bytes = {}", c.limits.max_query_bytes);
@@ -310,6 +330,8 @@ fn check(path: PathBuf) -> Result<(), String> {
     println!("max_body_bytes = {}", c.limits.max_body_bytes);
     println!("header_timeout = \"{}\"", d(c.limits.header_timeout));
     println!("body_timeout = \"{}\"", d(c.limits.body_timeout));
+    println!("max_header_count = {}", c.limits.max_header_count);
+    println!("request_timeout = \"{}\"", d(c.limits.request_timeout));
     println!("[rate_limit]");
     let r = &c.rate_limit;
     println!("per_client_rps = {}  # 0: off", r.per_client_rps);

@@ -1,5 +1,7 @@
 //! One request's straight line: resolve the client, rate-limit, filter, read the body within its
-//! limit, forward to NDES, pass the answer back unchanged, count it and write the access line.
+//! limit, forward what the allowlist lets through to NDES, read NDES's answer whole, send it on
+//! with the gateway's own framing, count it and write the access line (also when the client goes
+//! away mid-request).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,25 +16,107 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 
 use crate::client_addr::TrustedProxies;
+use crate::config::ConfigError;
 use crate::filter::{
     request_target_len, RejectReason, Rejection, RequestLimits, ScepOperation, ScepPath,
-    ScepRequest, PKICLIENT_SUFFIX,
+    ScepRequest, WireFacts, PKICLIENT_SUFFIX,
 };
 use crate::metrics::{Metrics, REASON_RATE_LIMITED};
 use crate::ratelimit::{retry_after_secs, RateLimits};
 use crate::scep::{
     fail_info_name, message_type_name, parse_get_message, parse_pki_message, pki_status_name,
-    PkiMessage, MAX_MESSAGE_BYTES,
+    PkiMessage,
 };
-use crate::upstream::{Upstream, UpstreamBody, UpstreamErrorKind};
+use crate::upstream::{Answer, Upstream, UpstreamErrorKind};
 
 pub type GatewayBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
+static X_ASPNET_VERSION: HeaderName = HeaderName::from_static("x-aspnet-version");
+static X_ASPNETMVC_VERSION: HeaderName = HeaderName::from_static("x-aspnetmvc-version");
+
+/// Names `upstream.forward_headers` may not add: the gateway's own (it sets them), the hop-by-hop
+/// set, and those known to make IIS do something else than answer SCEP: `Range` (MS15-034,
+/// CVE-2015-1635, remote code execution in http.sys), `X-Original-URL` and `X-Rewrite-URL` (IIS
+/// URL Rewrite may route on them, to /certsrv/mscep_admin/ for one).
+const NEVER_FORWARDED: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "forwarded",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "range",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// The request headers that reach NDES: an allowlist, not a denylist, so a header nobody thought
+/// of never reaches IIS. Fixed: `Content-Type`, `User-Agent`, `Accept`; the gateway's own `Host`,
+/// `Content-Length`, `X-Forwarded-For` and `X-Forwarded-Proto`; plus `upstream.forward_headers`.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardHeaders {
+    extra: Vec<HeaderName>,
+}
+
+impl ForwardHeaders {
+    /// What the client sends that goes on as it is.
+    const FIXED: [HeaderName; 3] = [header::CONTENT_TYPE, header::USER_AGENT, header::ACCEPT];
+
+    pub fn parse(names: &[String]) -> Result<ForwardHeaders, ConfigError> {
+        let mut extra = Vec::with_capacity(names.len());
+        for name in names {
+            let parsed = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                ConfigError(format!(
+                    "upstream.forward_headers: {name:?} is not a header name"
+                ))
+            })?;
+            if NEVER_FORWARDED.contains(&parsed.as_str()) {
+                return Err(ConfigError(format!(
+                    "upstream.forward_headers: {name:?} is never forwarded: the gateway sets it, it belongs to one hop, or it makes IIS do something else than answer SCEP"
+                )));
+            }
+            if !Self::FIXED.contains(&parsed) && !extra.contains(&parsed) {
+                extra.push(parsed);
+            }
+        }
+        Ok(ForwardHeaders { extra })
+    }
+
+    fn allows(&self, name: &HeaderName) -> bool {
+        Self::FIXED.contains(name) || (!self.extra.is_empty() && self.extra.contains(name))
+    }
+
+    /// Every name that can reach NDES, for `check`.
+    pub fn effective(&self) -> Vec<String> {
+        let mut names: Vec<String> = [
+            "host",
+            "content-type",
+            "content-length",
+            "user-agent",
+            "accept",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+        ]
+        .iter()
+        .map(|n| (*n).to_owned())
+        .collect();
+        names.extend(self.extra.iter().map(|n| n.as_str().to_owned()));
+        names
+    }
+}
 
 /// The per-gateway request pipeline.
 pub struct Proxy {
@@ -44,6 +128,7 @@ pub struct Proxy {
     pub trusted_proxies: TrustedProxies,
     /// Refuse a PKIOperation whose message does not parse (`scep.strict`).
     pub scep_strict: bool,
+    pub forward: ForwardHeaders,
     /// Rate-limited requests not logged yet: a flood must not flood the log too, so at most one
     /// line a second says how many were refused since the last one.
     rate_limited_unlogged: AtomicU64,
@@ -53,6 +138,9 @@ pub struct Proxy {
 /// What became of a request, for the access line and the metrics.
 #[derive(Default)]
 struct Outcome {
+    /// The request was handed to a connection to NDES: if the client goes away after that, NDES
+    /// may have it whole.
+    sent_upstream: bool,
     operation: Option<&'static str>,
     upstream_status: Option<u16>,
     rejected: Option<&'static str>,
@@ -83,6 +171,7 @@ fn method_label(m: &Method) -> &'static str {
 }
 
 impl Proxy {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         limits: RequestLimits,
         body_timeout: Duration,
@@ -91,6 +180,7 @@ impl Proxy {
         rate_limits: Arc<RateLimits>,
         trusted_proxies: TrustedProxies,
         scep_strict: bool,
+        forward: ForwardHeaders,
     ) -> Proxy {
         Proxy {
             limits,
@@ -100,6 +190,7 @@ impl Proxy {
             rate_limits,
             trusted_proxies,
             scep_strict,
+            forward,
             rate_limited_unlogged: AtomicU64::new(0),
             rate_limit_log: governor::RateLimiter::direct(governor::Quota::per_second(
                 std::num::NonZeroU32::MIN,
@@ -107,23 +198,65 @@ impl Proxy {
         }
     }
 
-    /// `peer` is the connection's client: the TCP peer, or the source of its PROXY header.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<GatewayBody> {
-        let started = Instant::now();
+    /// `peer` is the connection's client: the TCP peer, or the source of its PROXY header;
+    /// `wire` what the edge saw of the request's bytes.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        wire: WireFacts,
+    ) -> Response<GatewayBody> {
         let method = req.method().clone();
         let version = req.version();
         let target_bytes = request_target_len(req.uri(), version);
         let client = self.trusted_proxies.client_ip(peer.ip(), req.headers());
-        let mut outcome = Outcome::default();
-        let response = match self.rate_limits.check(client) {
-            Ok(()) => self.forward(req, client, &mut outcome).await,
-            Err((scope, wait)) => self.rate_limited(client, scope.key(), wait, &mut outcome),
+        // Written when the future is dropped unfinished too: the client reset the stream or
+        // closed the connection.
+        let mut record = Record {
+            proxy: self,
+            started: Instant::now(),
+            method,
+            version,
+            target_bytes,
+            client,
+            outcome: Outcome::default(),
+            finished: false,
         };
+        // No deadline of its own here: `check` makes limits.request_timeout at least the body,
+        // queue, connect and response timeouts together, which bound every wait below.
+        let response = match self.rate_limits.check(client) {
+            Ok(()) => self.forward(req, client, wire, &mut record.outcome).await,
+            Err((scope, wait)) => self.rate_limited(client, scope.key(), wait, &mut record.outcome),
+        };
+        record.finished = true;
+        // A client that went away mid-body never sees the answer it is given.
+        let status = if record.outcome.rejected == Some(RejectReason::ClientCancelled.label()) {
+            CLIENT_CLOSED_REQUEST
+        } else {
+            response.status().as_u16()
+        };
+        self.account(&record, status);
+        response
+    }
+
+    /// Counts the request and writes its access line; `status` 499 is a request whose client
+    /// went away before its answer (nginx's code for it).
+    fn account(&self, record: &Record<'_>, status: u16) {
+        let Record {
+            started,
+            ref method,
+            version,
+            target_bytes,
+            client,
+            ref outcome,
+            ..
+        } = *record;
         let seconds = started.elapsed().as_secs_f64();
         let operation = outcome.operation.unwrap_or("none");
         let m = &self.metrics;
+        let status_code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
         m.requests_total
-            .with_label_values(&[operation, method_label(&method), response.status().as_str()])
+            .with_label_values(&[operation, method_label(method), status_code.as_str()])
             .inc();
         m.request_duration_seconds
             .with_label_values(&[operation])
@@ -177,8 +310,13 @@ impl Proxy {
                 version = ?version,
                 operation,
                 target_bytes,
-                status = response.status().as_u16(),
+                status,
                 upstream_status = outcome.upstream_status.unwrap_or(0),
+                ndes_received = match (outcome.upstream_status, outcome.sent_upstream) {
+                    (Some(_), _) => "yes",
+                    (None, true) => "maybe",
+                    (None, false) => "no",
+                },
                 duration_ms = seconds * 1000.0,
                 rejected = outcome.rejected.unwrap_or("-"),
                 upstream_error = outcome.upstream_error.map_or("-", UpstreamErrorKind::label),
@@ -189,7 +327,6 @@ impl Proxy {
                 "request"
             );
         }
-        response
     }
 
     fn rate_limited(
@@ -227,13 +364,17 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client: IpAddr,
+        wire: WireFacts,
         outcome: &mut Outcome,
     ) -> Response<GatewayBody> {
         let (parts, body) = req.into_parts();
-        let scep = match self
-            .limits
-            .check(&parts.method, &parts.uri, parts.version, &parts.headers)
-        {
+        let scep = match self.limits.check_wire(
+            &parts.method,
+            &parts.uri,
+            parts.version,
+            &parts.headers,
+            wire,
+        ) {
             Ok(scep) => scep,
             Err(rejection) => return reject(rejection, client, outcome),
         };
@@ -256,7 +397,10 @@ impl Proxy {
                     "a GET request carries no body in SCEP",
                 )),
                 // The client reset the stream or went away: nothing to forward, nobody to tell.
-                Ok(Err(_)) => Some((RejectReason::BadRequest, "the request was cut short")),
+                Ok(Err(_)) => Some((
+                    RejectReason::ClientCancelled,
+                    "the client cancelled the request",
+                )),
                 Err(_) => Some((
                     RejectReason::BodyTimeout,
                     "the request stream did not end within limits.body_timeout",
@@ -320,19 +464,13 @@ impl Proxy {
             Err(rejection) => return reject(rejection, client, outcome),
         };
         let upstream_started = Instant::now();
+        outcome.sent_upstream = true;
         let sent = self.upstream.send(upstream_req).await;
         outcome.upstream_seconds = Some(upstream_started.elapsed().as_secs_f64());
         match sent {
-            Ok(resp) => {
-                outcome.upstream_status = Some(resp.status().as_u16());
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                match outcome.scep.as_mut() {
-                    Some(exchange) if parts.status == StatusCode::OK => {
-                        self.read_cert_rep(parts, body, exchange, client).await
-                    }
-                    _ => Response::from_parts(parts, body.boxed_unsync()),
-                }
+            Ok(answer) => {
+                outcome.upstream_status = Some(answer.status);
+                self.answer(answer, outcome, client)
             }
             Err(e) => {
                 outcome.upstream_error = Some(e.kind);
@@ -353,6 +491,10 @@ impl Proxy {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many requests are waiting on NDES; try again shortly",
                     ),
+                    UpstreamErrorKind::ResponseTooLarge => (
+                        StatusCode::BAD_GATEWAY,
+                        "the answer from NDES is over upstream.max_response_bytes",
+                    ),
                     _ => (
                         StatusCode::BAD_GATEWAY,
                         "the gateway could not get an answer from NDES",
@@ -371,76 +513,56 @@ impl Proxy {
         }
     }
 
-    /// Reads NDES's CertRep to learn pkiStatus and failInfo, then sends the same bytes on. At most
-    /// MAX_MESSAGE_BYTES are held: past that (never for SCEP) the answer streams on uninspected,
-    /// what was read first included.
-    async fn read_cert_rep(
+    /// NDES's whole answer as the client gets it: status and body as they came, NDES's headers
+    /// less the hop-by-hop set and those that fingerprint the internal host, and the gateway's own
+    /// Content-Length (never chunked, no trailers). A CertRep is read for its pkiStatus and
+    /// failInfo on the way.
+    fn answer(
         &self,
-        mut parts: http::response::Parts,
-        mut body: UpstreamBody,
-        exchange: &mut ScepExchange,
+        answer: Answer,
+        outcome: &mut Outcome,
         client: IpAddr,
     ) -> Response<GatewayBody> {
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|len| len > MAX_MESSAGE_BYTES) {
-            return Response::from_parts(parts, body.boxed_unsync());
-        }
-        let mut held = bytes::BytesMut::new();
-        let read = tokio::time::timeout(self.body_timeout, async {
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame?.into_data() {
-                    held.extend_from_slice(&data);
-                    if held.len() > MAX_MESSAGE_BYTES {
-                        return Ok(false);
+        let Answer {
+            status,
+            mut headers,
+            body,
+        } = answer;
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        strip_headers(&mut headers, |name| {
+            name == header::SERVER
+                || name == X_POWERED_BY
+                || name == X_ASPNET_VERSION
+                || name == X_ASPNETMVC_VERSION
+        });
+        if let Some(exchange) = outcome.scep.as_mut() {
+            if status == StatusCode::OK {
+                match parse_pki_message(&body) {
+                    Ok(msg) => exchange.response = Some(msg),
+                    Err(e) => {
+                        self.metrics
+                            .scep_parse_errors_total
+                            .with_label_values(&["response"])
+                            .inc();
+                        tracing::info!(target: "ndes_gateway::scep", client = %client, error = %e, "CertRep from NDES not readable");
                     }
                 }
             }
-            Ok::<bool, hyper::Error>(true)
-        })
-        .await;
-        match read {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
-                let rest = HeldThenRest {
-                    held: Some(held.freeze()),
-                    rest: body,
-                };
-                return Response::from_parts(parts, rest.boxed_unsync());
-            }
-            _ => {
-                tracing::warn!(target: "ndes_gateway::upstream", client = %client, "NDES's PKIOperation answer was cut short");
-                return text_response(
-                    StatusCode::BAD_GATEWAY,
-                    "502 Bad Gateway: the answer from NDES was cut short\n".to_owned(),
-                    None,
-                );
-            }
         }
-        let bytes = held.freeze();
-        match parse_pki_message(&bytes) {
-            Ok(msg) => exchange.response = Some(msg),
-            Err(e) => {
-                self.metrics
-                    .scep_parse_errors_total
-                    .with_label_values(&["response"])
-                    .inc();
-                tracing::info!(target: "ndes_gateway::scep", client = %client, error = %e, "CertRep from NDES not readable");
-            }
+        // NDES's own length, if any, is replaced: the body is whole and counted here.
+        if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            headers.remove(CONTENT_LENGTH);
+        } else {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        // Whole now: a chunked answer goes on with its length.
-        parts
-            .headers
-            .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        Response::from_parts(
-            parts,
-            Full::new(bytes)
+        let mut resp = Response::new(
+            Full::new(body)
                 .map_err(|never| match never {})
                 .boxed_unsync(),
-        )
+        );
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        resp
     }
 
     /// Reads a PKIOperation body whole, within the limit and the body timeout: NDES needs it with a
@@ -464,6 +586,12 @@ impl Proxy {
                 ),
                 allow: None,
             }),
+            Ok(Err(e)) if is_cancelled(&*e) => Err(Rejection {
+                status: StatusCode::BAD_REQUEST,
+                reason: RejectReason::ClientCancelled,
+                detail: "the client cancelled the request before its body was in".to_owned(),
+                allow: None,
+            }),
             Ok(Err(e)) => Err(Rejection {
                 status: StatusCode::BAD_REQUEST,
                 reason: RejectReason::BadRequest,
@@ -477,7 +605,7 @@ impl Proxy {
         &self,
         method: &Method,
         uri: &http::Uri,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         scep: &ScepRequest,
         body: Bytes,
         client: IpAddr,
@@ -496,32 +624,95 @@ impl Proxy {
             allow: None,
         })?;
         let post = method == Method::POST;
-        strip_headers(&mut headers, |name| {
-            // What the client says about forwarding is not believed: the gateway is the edge.
-            name == X_FORWARDED_FOR
-                || name == X_FORWARDED_PROTO
-                || name == FORWARDED
-                // SCEP is anonymous over HTTP; credentials sent to the edge are not NDES's
-                // business, and connection-bound schemes (NTLM, Negotiate) over a shared pool
-                // would outlive the client.
-                || name == header::AUTHORIZATION
-                || (!post && name == CONTENT_LENGTH)
-        });
-        headers.insert(HOST, target.host_header.clone());
-        if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
+        // Names the client's Connection header makes hop-by-hop (RFC 9110 §7.6.1), allowed
+        // ones included; HTTP/2 carries no Connection header.
+        let connection_named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
+            connection_named(&headers)
+        } else {
+            Vec::new()
+        };
+        // The client's map, less what is not on the list: most requests carry nothing else, and
+        // then nothing is allocated. Host and the forwarding headers are replaced just below.
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| {
+                let keep = self.forward.allows(name)
+                    && (connection_named.is_empty() || !connection_named.contains(name));
+                !keep
+                    && *name != HOST
+                    && *name != X_FORWARDED_FOR
+                    && *name != X_FORWARDED_PROTO
+                    && (*name != CONTENT_LENGTH || !post)
+            })
+            .cloned()
+            .collect();
+        let mut out = headers;
+        for name in doomed {
+            out.remove(name);
         }
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        out.insert(HOST, target.host_header.clone());
+        if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+            out.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        out.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
         if post {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            out.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = upstream_uri;
         *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = headers;
+        *req.headers_mut() = out;
         Ok(req)
     }
+}
+
+/// A request on its way, written to the log and the metrics once: when answered, or when its
+/// future is dropped unfinished because the client reset the stream or closed the connection.
+struct Record<'a> {
+    proxy: &'a Proxy,
+    started: Instant,
+    method: Method,
+    version: Version,
+    target_bytes: usize,
+    client: IpAddr,
+    outcome: Outcome,
+    finished: bool,
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.outcome.rejected = Some(RejectReason::ClientCancelled.label());
+        self.proxy.account(self, CLIENT_CLOSED_REQUEST);
+    }
+}
+
+/// nginx's status for a request whose client went away before the answer; never sent.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A body that ended because the client went away: the connection closed mid-body (HTTP/1.1) or
+/// the stream was reset (HTTP/2).
+fn is_cancelled(e: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(he) = e.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    if he.is_incomplete_message() || he.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(he);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.is_reset() || h2e.is_io() || h2e.is_go_away();
+        }
+        if s.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn reject(rejection: Rejection, client: IpAddr, outcome: &mut Outcome) -> Response<GatewayBody> {
@@ -535,27 +726,6 @@ fn reject(rejection: Rejection, client: IpAddr, outcome: &mut Outcome) -> Respon
         "request refused at the edge"
     );
     text_response(rejection.status, rejection.body(), rejection.allow)
-}
-
-/// An answer whose first bytes were read already, then the rest as it comes.
-struct HeldThenRest {
-    held: Option<Bytes>,
-    rest: UpstreamBody,
-}
-
-impl Body for HeldThenRest {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        if let Some(held) = self.held.take() {
-            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(held))));
-        }
-        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
-    }
 }
 
 /// The gateway's own answers: short, text/plain, never cached.
@@ -596,13 +766,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The hop-by-hop headers (RFC 9110 §7.6.1) and those `also` picks, removed after one pass over
 /// the names: most messages carry none, and a removal by name hashes it.
 fn strip_headers(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    let named = connection_named(headers);
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|name| is_hop_by_hop(name) || named.contains(name) || also(name))
@@ -611,6 +775,22 @@ fn strip_headers(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// The names a Connection header lists: hop-by-hop for this message. `close` and `keep-alive`,
+/// nearly all it ever says, name no other header and are passed over without building a name.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|name| {
+            !name.eq_ignore_ascii_case("close") && !name.eq_ignore_ascii_case("keep-alive")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect()
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

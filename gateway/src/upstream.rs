@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -45,10 +45,12 @@ pub enum UpstreamErrorKind {
     Protocol,
     /// `upstream.max_in_flight` requests already wait on NDES.
     Busy,
+    /// NDES's answer is over `upstream.max_response_bytes`.
+    ResponseTooLarge,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 7] = [
+    pub const ALL: [UpstreamErrorKind; 8] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::TlsChain,
         UpstreamErrorKind::TlsName,
@@ -56,6 +58,7 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::Timeout,
         UpstreamErrorKind::Protocol,
         UpstreamErrorKind::Busy,
+        UpstreamErrorKind::ResponseTooLarge,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,6 +70,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Busy => "busy",
+            UpstreamErrorKind::ResponseTooLarge => "response_too_large",
         }
     }
 }
@@ -496,13 +500,21 @@ impl UpstreamConnector {
 
 type Sender = http1::SendRequest<Full<Bytes>>;
 
+/// One pooled connection: its sender, and how its connection task ended once it has.
+struct Conn {
+    sender: Sender,
+    /// True when the connection ended on bytes NDES sent past the end of an answer: the answer's
+    /// framing did not say where it ended.
+    ended: tokio::sync::oneshot::Receiver<bool>,
+}
+
 /// Keep-alive HTTP/1.1 connections to NDES, idle ones on a stack: the most recently used is taken
 /// first, so a few warm connections carry the load and the rest age out. One NDES, one pool: no
-/// key to hash per request. A connection goes back on the stack when its answer has been read to
-/// the end, and is closed otherwise.
+/// key to hash per request. A connection goes back on the stack only after an answer read whole
+/// and framed one way; any doubt closes it.
 struct Pool {
     connector: UpstreamConnector,
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
     idle_timeout: Duration,
     max_idle: usize,
 }
@@ -532,92 +544,56 @@ impl Pool {
         pool
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
         // A poisoned lock only means a panic elsewhere mid-push; the stack is still whole.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An idle connection ready for a request, or a new one.
-    async fn checkout(&self) -> Result<Sender, UpstreamError> {
+    async fn checkout(&self) -> Result<Conn, UpstreamError> {
         loop {
             let popped = self.lock().pop();
-            let Some((mut sender, since)) = popped else {
+            let Some((mut conn, since)) = popped else {
                 break;
             };
-            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
+            if conn.sender.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
-            // Put back the instant its answer ended, it may not have told it wants the next
-            // request yet; it does as soon as its task runs.
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                return Ok(sender);
+            if conn.sender.is_ready() || conn.sender.ready().await.is_ok() {
+                return Ok(conn);
             }
         }
         let stream = self.connector.connect().await?;
-        let (sender, conn) = http1::Builder::new()
+        let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError {
                 kind: UpstreamErrorKind::Protocol,
                 message: format!("starting HTTP/1.1: {e}"),
             })?;
+        let (tell, ended) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(target: "ndes_gateway::upstream", error = %e, "connection to NDES ended");
-            }
+            let overrun = match connection.await {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::debug!(target: "ndes_gateway::upstream", error = %e, "connection to NDES ended");
+                    // hyper ends an idle client connection that receives bytes with this error;
+                    // an answer longer than its framing said is the only way to get there.
+                    e.to_string().contains("unexpected message")
+                }
+            };
+            let _ = tell.send(overrun);
         });
-        Ok(sender)
+        Ok(Conn { sender, ended })
     }
 
-    fn put(&self, sender: Sender) {
-        if sender.is_closed() {
+    fn put(&self, conn: Conn) {
+        if conn.sender.is_closed() {
             return;
         }
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
-            idle.push((sender, Instant::now()));
-        }
-    }
-}
-
-/// NDES's answer body; the connection goes back to the pool once it has been read to the end.
-pub struct UpstreamBody {
-    inner: Incoming,
-    back_to: Option<(Sender, Arc<Pool>)>,
-    done: bool,
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = poll {
-            self.done = true;
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // An answer not read to the end leaves the connection mid-message: it is closed.
-        if self.done || self.inner.is_end_stream() {
-            if let Some((sender, pool)) = self.back_to.take() {
-                pool.put(sender);
-            }
+            idle.push((conn, Instant::now()));
         }
     }
 }
@@ -645,7 +621,7 @@ fn classify_tls_error(e: &io::Error) -> UpstreamError {
     }
 }
 
-/// A whole answer from NDES to one of the gateway's own requests.
+/// A whole answer from NDES.
 pub struct Answer {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -669,11 +645,55 @@ pub struct Upstream {
     pool: std::sync::RwLock<Arc<Pool>>,
     config: UpstreamConfig,
     response_timeout: Duration,
-    /// Requests to NDES at once: bounds the connections opened to it and the bodies held
-    /// meanwhile, whatever the number of clients and HTTP/2 streams.
+    /// Requests to NDES at once, each held from the wait for a connection to the last byte of
+    /// the answer: bounds the connections opened to NDES and the answers held meanwhile, whatever
+    /// the number of clients and HTTP/2 streams and however slowly they read.
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
     queue_timeout: Duration,
+    max_response_bytes: usize,
+}
+
+fn protocol(message: String) -> UpstreamError {
+    UpstreamError {
+        kind: UpstreamErrorKind::Protocol,
+        message,
+    }
+}
+
+/// An answer framed one way only: at most one Content-Length, no Transfer-Encoding beside it,
+/// and no coding but chunked. Anything else could be read two ways, by the gateway and by
+/// whatever sits between NDES and it.
+fn check_answer_framing(headers: &http::HeaderMap) -> Result<(), UpstreamError> {
+    let lengths = headers.get_all(http::header::CONTENT_LENGTH).iter().count();
+    let codings: Vec<&HeaderValue> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if lengths > 1 {
+        return Err(protocol(
+            "the answer has more than one Content-Length".to_owned(),
+        ));
+    }
+    if codings.is_empty() {
+        return Ok(());
+    }
+    if lengths == 1 {
+        return Err(protocol(
+            "the answer has both Content-Length and Transfer-Encoding".to_owned(),
+        ));
+    }
+    let chunked_only = codings.len() == 1
+        && codings[0]
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    if !chunked_only {
+        return Err(protocol(format!(
+            "the answer's Transfer-Encoding is not chunked alone: {:?}",
+            codings
+        )));
+    }
+    Ok(())
 }
 
 impl Upstream {
@@ -687,6 +707,7 @@ impl Upstream {
             in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
             max_in_flight: c.max_in_flight,
             queue_timeout: c.connect_timeout,
+            max_response_bytes: c.max_response_bytes,
         }
     }
 
@@ -722,23 +743,16 @@ impl Upstream {
         let resp = self
             .get("", Some("operation=GetCACaps&message=ndes-gateway-probe"))
             .await?;
-        Ok(resp.status().as_u16())
+        Ok(resp.status)
     }
 
     /// A GET of the upstream SCEP path with `suffix` and `query`, as the gateway's own checks
     /// (readiness, certificate watch, doctor) ask it.
-    pub async fn get(
-        &self,
-        suffix: &str,
-        query: Option<&str>,
-    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+    pub async fn get(&self, suffix: &str, query: Option<&str>) -> Result<Answer, UpstreamError> {
         let uri = self
             .target
             .uri_for(suffix, query)
-            .ok_or_else(|| UpstreamError {
-                kind: UpstreamErrorKind::Protocol,
-                message: "the URL does not fit".to_owned(),
-            })?;
+            .ok_or_else(|| protocol("the URL does not fit".to_owned()))?;
         let mut req = http::Request::new(Full::new(Bytes::new()));
         *req.uri_mut() = uri;
         req.headers_mut()
@@ -746,40 +760,30 @@ impl Upstream {
         self.send(req).await
     }
 
-    /// The same, with the whole body (at most `limit` bytes).
+    /// The same, refused past `limit` bytes of body.
     pub async fn get_all(
         &self,
         suffix: &str,
         query: Option<&str>,
         limit: usize,
     ) -> Result<Answer, UpstreamError> {
-        use http_body_util::BodyExt;
-        let resp = self.get(suffix, query).await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = http_body_util::Limited::new(resp.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| UpstreamError {
-                kind: UpstreamErrorKind::Protocol,
-                message: format!("reading the answer: {e}"),
-            })?
-            .to_bytes();
-        Ok(Answer {
-            status,
-            headers,
-            body,
-        })
+        let answer = self.get(suffix, query).await?;
+        if answer.body.len() > limit {
+            return Err(UpstreamError {
+                kind: UpstreamErrorKind::ResponseTooLarge,
+                message: format!("the answer is over {limit} bytes"),
+            });
+        }
+        Ok(answer)
     }
 
-    /// Sends one request and waits for the response head, within the response timeout. A
-    /// request is never sent twice (a resent PKCSReq can burn a one-time challenge or hit "DN
-    /// already exists"); stale pooled connections are avoided by the idle timeout.
-    pub async fn send(
-        &self,
-        req: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
-        // Held until the response head is back; the body that follows is small and streams.
+    /// Sends one request and reads the whole answer, within the response timeout and
+    /// `upstream.max_response_bytes`. The in-flight slot and the connection are held until the
+    /// last byte is in, then the connection goes back to the pool: a client that reads slowly
+    /// holds only the answer, never NDES. A request is never sent twice (a resent PKCSReq can
+    /// burn a one-time challenge or hit "DN already exists"); stale pooled connections are
+    /// avoided by the idle timeout.
+    pub async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, UpstreamError> {
         let _slot = match tokio::time::timeout(self.queue_timeout, self.in_flight.acquire()).await {
             Ok(Ok(slot)) => slot,
             _ => {
@@ -794,28 +798,95 @@ impl Upstream {
         };
         let pool = self.pool.read().unwrap_or_else(|e| e.into_inner()).clone();
         let exchange = async {
-            let mut sender = pool.checkout().await?;
-            let resp = sender.send_request(req).await.map_err(|e| UpstreamError {
-                kind: UpstreamErrorKind::Protocol,
-                message: error_chain(&e),
-            })?;
-            Ok(resp.map(|inner| UpstreamBody {
-                inner,
-                back_to: Some((sender, pool.clone())),
-                done: false,
-            }))
+            let mut conn = pool.checkout().await?;
+            let resp = conn
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| protocol(error_chain(&e)))?;
+            let (parts, body) = resp.into_parts();
+            // A connection whose answer was framed two ways is dropped here, never reused.
+            check_answer_framing(&parts.headers)?;
+            let body = read_whole(body, self.max_response_bytes).await?;
+            if parts.version == http::Version::HTTP_11 {
+                // Bytes past the end its framing gave end the connection with an error before it
+                // asks for the next request: ready again means the answer ended where it said.
+                // Bytes that come later still close it before reuse, or reach the next request
+                // as an answer hyper refuses (a 502 there).
+                let ready = conn.sender.is_ready()
+                    || matches!(
+                        tokio::time::timeout(OVERRUN_CHECK, conn.sender.ready()).await,
+                        Ok(Ok(()))
+                    );
+                if ready {
+                    pool.put(conn);
+                } else if let Ok(Ok(true)) =
+                    tokio::time::timeout(OVERRUN_CHECK, &mut conn.ended).await
+                {
+                    return Err(protocol(
+                        "the answer is longer than its Content-Length or last chunk said"
+                            .to_owned(),
+                    ));
+                }
+            }
+            Ok(Answer {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
         };
         match tokio::time::timeout(self.response_timeout, exchange).await {
             Err(_) => Err(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
                 message: format!(
-                    "no response within upstream.response_timeout ({})",
+                    "no whole answer within upstream.response_timeout ({})",
                     humantime::format_duration(self.response_timeout)
                 ),
             }),
             Ok(result) => result,
         }
     }
+}
+
+/// How long a connection whose answer just ended may take to say it is ready for the next
+/// request: its task runs at once, so this is only a bound.
+const OVERRUN_CHECK: Duration = Duration::from_secs(1);
+
+/// NDES's answer body, whole: data frames only (trailers are NDES's business), at most `limit`
+/// bytes, and read to the end its framing gives (a length, the last chunk, or the close).
+async fn read_whole(mut body: Incoming, limit: usize) -> Result<Bytes, UpstreamError> {
+    use http_body_util::BodyExt;
+    use hyper::body::Body;
+    let mut first: Option<Bytes> = None;
+    // A length known up front is reserved once (never past the limit); chunks grow it.
+    let expected = body.size_hint().exact().unwrap_or(0);
+    let mut rest = bytes::BytesMut::with_capacity(0);
+    let mut reserve = usize::try_from(expected).unwrap_or(limit).min(limit);
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| protocol(format!("reading the answer: {}", error_chain(&e))))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
+        if held + data.len() > limit {
+            return Err(UpstreamError {
+                kind: UpstreamErrorKind::ResponseTooLarge,
+                message: format!("the answer is over {limit} bytes (upstream.max_response_bytes)"),
+            });
+        }
+        // The usual answer is one frame: kept as it came, without a copy.
+        match first.take() {
+            None if rest.is_empty() => first = Some(data),
+            None => rest.extend_from_slice(&data),
+            Some(f) => {
+                rest.reserve(std::mem::take(&mut reserve).max(f.len() + data.len()));
+                rest.extend_from_slice(&f);
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
 }
 
 /// An error and its sources, as one line.

@@ -88,20 +88,7 @@ impl Upstream {
         let arrived2 = arrived.clone();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let connections2 = connections.clone();
-        let acceptor = tls.map(|(cert, key)| {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .unwrap();
-            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
-            let config = rustls::ServerConfig::builder_with_provider(ndes_gateway::tls::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap();
-            TlsAcceptor::from(Arc::new(config))
-        });
+        let acceptor = tls.map(|(cert, key)| tls_acceptor(&cert, &key));
         let seen2 = seen.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -184,6 +171,21 @@ impl Upstream {
             .cloned()
             .expect("the upstream saw no request")
     }
+}
+
+/// A TLS server side with the given certificate chain and key, PEM.
+pub fn tls_acceptor(cert_pem: &str, key_pem: &str) -> TlsAcceptor {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(ndes_gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    TlsAcceptor::from(Arc::new(config))
 }
 
 fn parts_delay(query: &str) -> std::time::Duration {
@@ -451,4 +453,77 @@ pub fn pki_target(path: &str, target: usize) -> String {
         .map(|i| pattern[i % pattern.len()] as char)
         .collect();
     format!("{head}{fill}")
+}
+
+/// How a read of a response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// A whole response with a Content-Length arrived (the connection may still be open).
+    Complete,
+    /// The server closed the connection: EOF, or a read error such as a reset or a TLS end
+    /// without close_notify.
+    Closed,
+    /// Nothing ended it: the wait ran out.
+    TimedOut,
+}
+
+/// A response read by [`read_response_ending`], with how and when the read ended.
+#[derive(Debug)]
+pub struct EndedResponse {
+    pub response: RawResponse,
+    pub end: ReadEnd,
+    pub elapsed: Duration,
+}
+
+/// Reads a response as [`read_response`] does, waiting at most `wait`, and also says whether the
+/// read ended with a whole response, with the server closing the connection, or by the timeout
+/// (which an empty status line alone cannot tell apart).
+pub async fn read_response_ending<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    wait: Duration,
+) -> EndedResponse {
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return (None, ReadEnd::Closed),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(r) = parse_complete(&buf) {
+                return (Some(r), ReadEnd::Complete);
+            }
+        }
+    };
+    let (complete, end) = match tokio::time::timeout(wait, read).await {
+        Ok(result) => result,
+        Err(_) => (None, ReadEnd::TimedOut),
+    };
+    let response = complete.unwrap_or_else(|| {
+        parse_head(&buf).unwrap_or_else(|| RawResponse {
+            status_line: String::new(),
+            head: String::from_utf8_lossy(&buf).into_owned(),
+            body: Vec::new(),
+        })
+    });
+    EndedResponse {
+        response,
+        end,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// [`raw_request`], reporting how the read of the answer ended (see [`read_response_ending`]).
+/// A write the server cuts short (it refused and closed early) is not an error here.
+pub async fn raw_request_ending(
+    addr: SocketAddr,
+    root: &Path,
+    request: &[u8],
+    wait: Duration,
+) -> EndedResponse {
+    let mut tls = tls_connect(addr, root).await;
+    let _ = tls.write_all(request).await;
+    let _ = tls.flush().await;
+    read_response_ending(&mut tls, wait).await
 }
