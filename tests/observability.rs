@@ -254,10 +254,21 @@ async fn upstream_failures_are_counted_by_kind() {
         0.0
     );
     assert_eq!(value(&m, "ndes_gateway_upstream_ready"), 0.0);
-    assert_eq!(
-        admin_get(&gw, "/readyz").await.status_line,
-        "HTTP/1.1 503 Service Unavailable"
-    );
+    // 503 alone proves nothing ("NDES not probed yet" is 503 too): the reason must name the
+    // failure the first probe (run at start, whatever the interval) met.
+    let mut last = None;
+    for _ in 0..400 {
+        let r = admin_get(&gw, "/readyz").await;
+        if r.text().contains("pin_mismatch") {
+            last = Some(r);
+            break;
+        }
+        last = Some(r);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = last.unwrap();
+    assert_eq!(r.status_line, "HTTP/1.1 503 Service Unavailable", "{r:?}");
+    assert!(r.text().contains("pin_mismatch"), "/readyz: {:?}", r.text());
     assert_eq!(upstream.count(), 0);
 }
 

@@ -99,7 +99,7 @@ pub async fn probe_loop(
             ),
             Ok(Ok(200)) => (true, String::new()),
             Ok(Ok(status)) => (false, format!("NDES answered GetCACaps with {status}")),
-            Ok(Err(e)) => (false, format!("NDES unreachable: {e}")),
+            Ok(Err(e)) => (false, format!("NDES failed the probe: {e}")),
         };
         if ok != readiness.upstream_ok() {
             if ok {
