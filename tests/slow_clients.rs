@@ -238,7 +238,7 @@ async fn h2_stall(
     streams: usize,
     max_seconds: u64,
 ) -> serde_json::Value {
-    h2_stall_with(gw, pki, connections, streams, max_seconds, 0, "").await
+    h2_stall_with(gw, pki, connections, streams, max_seconds, 0, "", false).await
 }
 
 /// The same, with the stream window the client announces and an extra query parameter.
@@ -250,6 +250,7 @@ async fn h2_stall_with(
     max_seconds: u64,
     window: u32,
     extra_query: &str,
+    dead: bool,
 ) -> serde_json::Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tools/h2_stall.py");
     let run = tokio::process::Command::new("/usr/bin/python3")
@@ -263,6 +264,7 @@ async fn h2_stall_with(
             &window.to_string(),
             &format!("{SCEP}?operation=GetCACert{extra_query}"),
         ])
+        .env("H2_STALL_DEAD", if dead { "1" } else { "0" })
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(max_seconds + 30), run)
@@ -582,7 +584,7 @@ async fn an_http2_client_with_a_nearly_shut_window_loses_its_streams() {
     let mut config = gateway_config(&pki, upstream.addr, "", "");
     config.listen.send_timeout = Duration::from_secs(2);
     let gw = Gateway::start(&config).await.unwrap();
-    let report = h2_stall_with(&gw, &pki, 1, STREAMS, 30, 1, "").await;
+    let report = h2_stall_with(&gw, &pki, 1, STREAMS, 30, 1, "", false).await;
     let c = &report["connections"][0];
     assert_eq!(c["responses"], STREAMS, "{report}");
     assert_eq!(c["resets"], STREAMS, "{report}");
@@ -651,4 +653,23 @@ async fn a_trickling_reader_is_cut_at_the_request_deadline() {
     .await;
     assert_eq!(counter(&gw, "ndes_gateway_connections_active"), 0.0);
     assert_eq!(counter(&gw, &rejected("send_timeout")), 0.0);
+}
+
+/// A peer gone without a word (no FIN, no answer to anything): the gateway's PINGs go
+/// unanswered and the connection is closed, long before the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_answers_no_ping_is_closed() {
+    let pki = Pki::new();
+    let upstream = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let mut config = gateway_config(&pki, upstream.addr, "", "");
+    // PINGs every 2 s, 2 s to answer; the idle timeout stays at 60 s.
+    config.listen.send_timeout = Duration::from_secs(2);
+    let gw = Gateway::start(&config).await.unwrap();
+    let report = h2_stall_with(&gw, &pki, 1, 0, 30, 65_535, "", true).await;
+    let c = &report["connections"][0];
+    assert!(c["pings"].as_u64().is_some_and(|n| n >= 1), "{report}");
+    assert!(
+        c["closed_at"].as_f64().is_some_and(|t| t < 30.0),
+        "the silent peer was still connected after 30 s: {report}"
+    );
 }

@@ -40,8 +40,9 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 const HEAD_SLACK_BYTES: usize = 8 * 1024;
 /// HTTP/2 counts 32 bytes of overhead per header field (RFC 9113 §6.5.2) on top of the same limits.
 const H2_HEADER_LIST_SLACK_BYTES: usize = 8 * 1024;
-/// An HTTP/2 peer is sent a PING after this long without a frame, and closed if it does not answer
-/// within the same time: a dead peer is let go without waiting for the idle timeout.
+/// An HTTP/2 peer is sent a PING after this long without a frame (or `listen.send_timeout`, if
+/// shorter), and closed if it does not answer within the same time: a dead peer is let go without
+/// waiting for the idle timeout.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// hyper's own ceiling on HTTP/1.1 header fields, which the default limit matches.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -81,6 +82,8 @@ impl ListenerSettings {
             http1.max_headers(l.max_header_count + 1);
         }
         let window = u32::try_from(l.max_body_bytes.max(65_535)).unwrap_or(u32::MAX);
+        // A peer that cannot answer a PING within the time it has to take answer bytes is gone.
+        let h2_keep_alive = H2_KEEP_ALIVE.min(c.listen.send_timeout);
         let http2 = c.listen.http2.then(|| {
             let mut b = http2::Builder::new(StreamExecutor);
             b.timer(TokioTimer::new())
@@ -93,8 +96,8 @@ impl ListenerSettings {
                 // client cannot park megabytes in a connection.
                 .initial_stream_window_size(window)
                 .initial_connection_window_size(window.saturating_mul(4))
-                .keep_alive_interval(Some(H2_KEEP_ALIVE))
-                .keep_alive_timeout(H2_KEEP_ALIVE)
+                .keep_alive_interval(Some(h2_keep_alive))
+                .keep_alive_timeout(h2_keep_alive)
                 .max_pending_accept_reset_streams(Some(20))
                 .max_local_error_reset_streams(Some(1024));
             b

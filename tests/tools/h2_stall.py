@@ -15,6 +15,7 @@ Prints JSON: {"connections": [{"closed_at": seconds since start or null, "resets
 "elapsed": seconds}
 """
 import json
+import os
 import socket
 import ssl
 import sys
@@ -31,6 +32,8 @@ import hyperframe.frame
 host, port, root, name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 connections, streams, max_seconds = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
 window = int(sys.argv[8]) if len(sys.argv) > 8 else 0
+# H2_STALL_DEAD=1: a peer that has gone away without closing: it answers nothing, not even PINGs.
+dead = os.environ.get("H2_STALL_DEAD") == "1"
 path = sys.argv[9] if len(sys.argv) > 9 else "/certsrv/mscep/mscep.dll?operation=GetCACaps"
 started = time.monotonic()
 deadline = started + max_seconds
@@ -92,8 +95,11 @@ def stall(result):
             elif isinstance(frame, hyperframe.frame.SettingsFrame) and "ACK" not in frame.flags:
                 out += hyperframe.frame.SettingsFrame(0, flags=["ACK"]).serialize()
             elif isinstance(frame, hyperframe.frame.PingFrame) and "ACK" not in frame.flags:
+                result["pings"] += 1
+                if dead:
+                    continue
                 out += hyperframe.frame.PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize()
-        if out:
+        if out and not dead:
             try:
                 sock.sendall(out)
             except (OSError, ssl.SSLError):
@@ -115,6 +121,7 @@ results = [
         "goaway": None,
         "responses": 0,
         "data_bytes": 0,
+        "pings": 0,
         "error": None,
     }
     for _ in range(connections)
