@@ -238,20 +238,34 @@ async fn h2_stall(
     streams: usize,
     max_seconds: u64,
 ) -> serde_json::Value {
-    h2_stall_with(gw, pki, connections, streams, max_seconds, 0, "", false).await
+    let stall = Stall {
+        connections,
+        streams,
+        max_seconds,
+        window: 0,
+        dead: false,
+    };
+    h2_stall_with(gw, pki, &stall).await
 }
 
-/// The same, with the stream window the client announces and an extra query parameter.
-async fn h2_stall_with(
-    gw: &Gateway,
-    pki: &Pki,
+/// The stall tool's clients: how many, with how many streams, for how long, the stream window
+/// they announce, and whether they answer nothing at all (not even PINGs).
+struct Stall {
     connections: usize,
     streams: usize,
     max_seconds: u64,
     window: u32,
-    extra_query: &str,
     dead: bool,
-) -> serde_json::Value {
+}
+
+async fn h2_stall_with(gw: &Gateway, pki: &Pki, stall: &Stall) -> serde_json::Value {
+    let &Stall {
+        connections,
+        streams,
+        max_seconds,
+        window,
+        dead,
+    } = stall;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tools/h2_stall.py");
     let run = tokio::process::Command::new("/usr/bin/python3")
         .args([script, "127.0.0.1", &gw.local_addr().port().to_string()])
@@ -262,7 +276,7 @@ async fn h2_stall_with(
             &streams.to_string(),
             &max_seconds.to_string(),
             &window.to_string(),
-            &format!("{SCEP}?operation=GetCACert{extra_query}"),
+            &format!("{SCEP}?operation=GetCACert"),
         ])
         .env("H2_STALL_DEAD", if dead { "1" } else { "0" })
         .kill_on_drop(true)
@@ -584,7 +598,14 @@ async fn an_http2_client_with_a_nearly_shut_window_loses_its_streams() {
     let mut config = gateway_config(&pki, upstream.addr, "", "");
     config.listen.send_timeout = Duration::from_secs(2);
     let gw = Gateway::start(&config).await.unwrap();
-    let report = h2_stall_with(&gw, &pki, 1, STREAMS, 30, 1, "", false).await;
+    let stall = Stall {
+        connections: 1,
+        streams: STREAMS,
+        max_seconds: 30,
+        window: 1,
+        dead: false,
+    };
+    let report = h2_stall_with(&gw, &pki, &stall).await;
     let c = &report["connections"][0];
     assert_eq!(c["responses"], STREAMS, "{report}");
     assert_eq!(c["resets"], STREAMS, "{report}");
@@ -665,7 +686,14 @@ async fn an_http2_peer_that_answers_no_ping_is_closed() {
     // PINGs every 2 s, 2 s to answer; the idle timeout stays at 60 s.
     config.listen.send_timeout = Duration::from_secs(2);
     let gw = Gateway::start(&config).await.unwrap();
-    let report = h2_stall_with(&gw, &pki, 1, 0, 30, 65_535, "", true).await;
+    let stall = Stall {
+        connections: 1,
+        streams: 0,
+        max_seconds: 30,
+        window: 65_535,
+        dead: true,
+    };
+    let report = h2_stall_with(&gw, &pki, &stall).await;
     let c = &report["connections"][0];
     assert!(c["pings"].as_u64().is_some_and(|n| n >= 1), "{report}");
     assert!(
