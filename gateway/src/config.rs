@@ -584,11 +584,24 @@ impl Config {
             );
         }
         crate::proxy::ForwardHeaders::parse(&self.upstream.forward_headers)?;
-        if self.upstream.max_in_flight == 0 {
-            return bad("upstream.max_in_flight", "must be at least 1".to_owned());
+        // Far above what one process can serve, and far below what a semaphore can count.
+        if !(1..=1_000_000).contains(&self.upstream.max_in_flight) {
+            return bad(
+                "upstream.max_in_flight",
+                format!(
+                    "{} is out of range: 1 to 1000000",
+                    self.upstream.max_in_flight
+                ),
+            );
         }
-        if self.listen.max_connections == 0 {
-            return bad("listen.max_connections", "must be at least 1".to_owned());
+        if !(1..=10_000_000).contains(&self.listen.max_connections) {
+            return bad(
+                "listen.max_connections",
+                format!(
+                    "{} is out of range: 1 to 10000000",
+                    self.listen.max_connections
+                ),
+            );
         }
         if self.listen.max_concurrent_streams == 0 {
             return bad(
@@ -679,6 +692,22 @@ mod tests {
         );
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("over 30 days"), "{err}");
+    }
+
+    #[test]
+    fn counts_a_semaphore_cannot_hold_are_refused() {
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nmax_in_flight = 9223372036854775807",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("upstream.max_in_flight"), "{err}");
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "max_connections = 9223372036854775807\n[upstream]",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("listen.max_connections"), "{err}");
     }
 
     #[test]
