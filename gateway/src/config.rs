@@ -488,48 +488,52 @@ impl Config {
                 format!("{} is over 16 MiB", l.max_body_bytes),
             );
         }
-        for (key, d) in [
-            ("limits.header_timeout", l.header_timeout),
-            ("limits.body_timeout", l.body_timeout),
-            ("limits.request_timeout", l.request_timeout),
-            ("listen.send_timeout", self.listen.send_timeout),
-            ("listen.handshake_timeout", self.listen.handshake_timeout),
-            ("listen.idle_timeout", self.listen.idle_timeout),
-            (
-                "listen.reload_check_interval",
-                self.listen.reload_check_interval,
-            ),
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.response_timeout", self.upstream.response_timeout),
-        ] {
-            if d.is_zero() {
-                return bad(key, "must be more than zero".to_owned());
-            }
-        }
         // Far past any sensible value, and far from where adding them to a clock overflows.
         const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
-        for (key, d) in [
-            ("limits.header_timeout", l.header_timeout),
-            ("limits.body_timeout", l.body_timeout),
-            ("limits.request_timeout", l.request_timeout),
-            ("listen.send_timeout", self.listen.send_timeout),
-            ("listen.handshake_timeout", self.listen.handshake_timeout),
-            ("listen.idle_timeout", self.listen.idle_timeout),
-            ("listen.drain_timeout", self.listen.drain_timeout),
+        // Every duration, and whether zero means something (leave at once, never keep).
+        for (key, d, zero_allowed) in [
+            ("limits.header_timeout", l.header_timeout, false),
+            ("limits.body_timeout", l.body_timeout, false),
+            ("limits.request_timeout", l.request_timeout, false),
+            ("listen.send_timeout", self.listen.send_timeout, false),
+            (
+                "listen.handshake_timeout",
+                self.listen.handshake_timeout,
+                false,
+            ),
+            ("listen.idle_timeout", self.listen.idle_timeout, false),
+            ("listen.drain_timeout", self.listen.drain_timeout, true),
             (
                 "listen.reload_check_interval",
                 self.listen.reload_check_interval,
+                false,
             ),
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.response_timeout", self.upstream.response_timeout),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                false,
+            ),
+            (
+                "upstream.response_timeout",
+                self.upstream.response_timeout,
+                false,
+            ),
             (
                 "upstream.pool_idle_timeout",
                 self.upstream.pool_idle_timeout,
+                true,
             ),
-            ("admin.probe_interval", self.admin.probe_interval),
-            ("admin.probe_timeout", self.admin.probe_timeout),
-            ("scep.cert_check_interval", self.scep.cert_check_interval),
+            ("admin.probe_interval", self.admin.probe_interval, false),
+            ("admin.probe_timeout", self.admin.probe_timeout, false),
+            (
+                "scep.cert_check_interval",
+                self.scep.cert_check_interval,
+                false,
+            ),
         ] {
+            if d.is_zero() && !zero_allowed {
+                return bad(key, "must be more than zero".to_owned());
+            }
             if d > MAX_DURATION {
                 return bad(key, "is over 30 days".to_owned());
             }
@@ -558,15 +562,6 @@ impl Config {
                     key,
                     format!("{rps} is out of range: 0 (off), or 0.000001 to 1000000"),
                 );
-            }
-        }
-        for (key, d) in [
-            ("admin.probe_interval", self.admin.probe_interval),
-            ("admin.probe_timeout", self.admin.probe_timeout),
-            ("scep.cert_check_interval", self.scep.cert_check_interval),
-        ] {
-            if d.is_zero() {
-                return bad(key, "must be more than zero".to_owned());
             }
         }
         crate::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
