@@ -37,7 +37,7 @@ async fn pool_error(config: &Config) -> Option<UpstreamErrorKind> {
         .header("host", "ndes.corp.test")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
-    pool.send(req).await.err().map(|e| e.kind)
+    pool.send(req, true).await.err().map(|e| e.kind)
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -75,21 +75,21 @@ impl Readiness {
     }
 }
 
-/// Asks NDES for GetCACaps every `interval` until `shutdown`, and records the answer.
+/// Asks NDES for GetCACaps every `interval` until `stop`, and records the answer.
 pub async fn probe_loop(
     upstream: Arc<Upstream>,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
     interval: Duration,
     timeout: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     readiness.set(false, "NDES not probed yet".to_owned());
     loop {
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
         let (ok, why) = match tokio::time::timeout(timeout, upstream.probe()).await {
@@ -113,16 +113,16 @@ pub async fn probe_loop(
     }
 }
 
-/// Serves the admin endpoints until `shutdown`.
+/// Serves the admin endpoints until `stop`.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     loop {
         let (tcp, _) = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(_) => {

@@ -2,18 +2,19 @@
 //! CA and RA certificates NDES hands out in GetCACert. An expired RA certificate is the classic
 //! silent NDES outage (NDES answers 500 to every enrolment): readiness reports it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use der::Decode;
-use rustls_pki_types::CertificateDer;
-use tokio::sync::watch;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use x509_cert::Certificate;
 
 use crate::admin::Readiness;
 use crate::config::ExpiredRa;
 use crate::metrics::Metrics;
 use crate::scep::{is_ca, not_after_unix, parse_ca_certs};
+use crate::tls::ListenerCertificate;
 use crate::upstream::Upstream;
 
 /// GetCACert answers are a few KB; anything past this is not one.
@@ -59,34 +60,81 @@ pub fn ca_and_ra(body: &[u8]) -> Result<Vec<Watched>, String> {
         .collect())
 }
 
+/// The certificates `certificate_expiry_timestamp_seconds` shows: the listener's, in force now,
+/// and those NDES presented and handed out at the last look. Each part is replaced whole, and
+/// the gauge rewritten from both, so a certificate rotated out leaves no series behind.
+pub struct Expiry {
+    metrics: Arc<Metrics>,
+    parts: Mutex<(Vec<Watched>, Vec<Watched>)>,
+    /// Asks the watch for a look now rather than at its next tick (after a reload).
+    pub recheck: Notify,
+}
+
+impl Expiry {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Expiry> {
+        Arc::new(Expiry {
+            metrics,
+            parts: Mutex::new((Vec::new(), Vec::new())),
+            recheck: Notify::new(),
+        })
+    }
+
+    /// The listener's certificate, as the TLS acceptor serves it now.
+    pub fn set_listener(&self, certificate: &ListenerCertificate) {
+        let listener = certificate
+            .current()
+            .cert
+            .first()
+            .and_then(|c| Watched::from_der("listener", c))
+            .into_iter()
+            .collect();
+        self.update(|parts| parts.0 = listener);
+    }
+
+    pub fn set_upstream(&self, upstream: Vec<Watched>) {
+        self.update(|parts| parts.1 = upstream);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut (Vec<Watched>, Vec<Watched>))) {
+        // A poisoned lock only means a panic elsewhere mid-update; the lists are whole.
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut parts);
+        let gauge = &self.metrics.certificate_expiry_timestamp_seconds;
+        gauge.reset();
+        for w in parts.0.iter().chain(parts.1.iter()) {
+            gauge
+                .with_label_values(&[w.role, &w.subject])
+                .set(i64::try_from(w.not_after).unwrap_or(i64::MAX));
+        }
+    }
+}
+
 pub struct CertWatch {
     pub upstream: Arc<Upstream>,
-    pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    pub listener: Vec<CertificateDer<'static>>,
+    pub listener: Arc<ListenerCertificate>,
+    pub expiry: Arc<Expiry>,
     pub interval: Duration,
     pub expired_ra: ExpiredRa,
 }
 
 impl CertWatch {
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => self.check().await,
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.expiry.recheck.notified() => {}
             }
+            self.check().await;
         }
     }
 
     async fn check(&self) {
-        let mut watched: Vec<Watched> = self
-            .listener
-            .first()
-            .and_then(|c| Watched::from_der("listener", c))
-            .into_iter()
-            .collect();
+        self.expiry.set_listener(&self.listener);
+        let mut watched = Vec::new();
         match self
             .upstream
             .get_all(
@@ -119,13 +167,6 @@ impl CertWatch {
         if let Some(w) = leaf.and_then(|der| Watched::from_der("upstream_tls", &der)) {
             watched.push(w);
         }
-        let gauge = &self.metrics.certificate_expiry_timestamp_seconds;
-        gauge.reset();
-        for w in &watched {
-            gauge
-                .with_label_values(&[w.role, &w.subject])
-                .set(i64::try_from(w.not_after).unwrap_or(i64::MAX));
-        }
         let now = now_unix();
         let expired: Vec<String> = watched
             .iter()
@@ -147,5 +188,6 @@ impl CertWatch {
             } else {
                 None
             });
+        self.expiry.set_upstream(watched);
     }
 }

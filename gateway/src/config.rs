@@ -92,6 +92,10 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub scep: ScepConfig,
+    /// The file this was read from, which a reload reads again; `None` for a config parsed from
+    /// text.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// What to do when the RA certificates NDES hands out have expired.
@@ -433,6 +437,7 @@ impl Config {
         if let Some(base) = path.parent() {
             config.resolve_paths(base);
         }
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 

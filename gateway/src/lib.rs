@@ -31,9 +31,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::Readiness;
 use crate::client_addr::TrustedProxies;
@@ -114,7 +115,8 @@ pub struct Gateway {
     admin_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    shutdown: watch::Sender<bool>,
+    /// Level-triggered: a task that starts after the stop still sees it.
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -149,7 +151,10 @@ impl Gateway {
 
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::default());
-        let upstream = Arc::new(Upstream::new(prepared.target, &config.upstream));
+        let upstream = Arc::new(
+            Upstream::new(prepared.target, &config.upstream)
+                .counting_retries(metrics.upstream_retries_total.clone()),
+        );
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limit));
         let proxy = Arc::new(Proxy::new(
             RequestLimits::from(&config.limits),
@@ -162,68 +167,74 @@ impl Gateway {
             proxy::ForwardHeaders::parse(&config.upstream.forward_headers)?,
         ));
         let settings = Arc::new(ListenerSettings::from_config(config));
-        let (shutdown, rx) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let expiry = certwatch::Expiry::new(metrics.clone());
+        expiry.set_listener(&prepared.certificate);
 
-        let mut tasks = tokio::task::JoinSet::new();
+        let tasks = TaskTracker::new();
         if let Some(l) = admin_listener {
             tasks.spawn(admin::serve(
                 l,
                 metrics.clone(),
                 readiness.clone(),
-                rx.clone(),
+                stop.clone(),
             ));
             let watch = certwatch::CertWatch {
                 upstream: upstream.clone(),
-                metrics: metrics.clone(),
                 readiness: readiness.clone(),
-                listener: tls::load_certificates(&config.listen.cert, "listen.cert")?,
+                listener: prepared.certificate.clone(),
+                expiry: expiry.clone(),
                 interval: config.scep.cert_check_interval,
                 expired_ra: config.scep.expired_ra,
             };
-            tasks.spawn(watch.run(rx.clone()));
+            tasks.spawn(watch.run(stop.clone()));
             tasks.spawn(admin::probe_loop(
                 upstream.clone(),
                 readiness.clone(),
                 metrics.clone(),
                 config.admin.probe_interval,
                 config.admin.probe_timeout,
-                rx.clone(),
+                stop.clone(),
             ));
         }
+        // Subscribed here, before "listening" is logged, not in the task: the task may first
+        // run after a supervisor has already sent its reload.
+        let hangup = reload::hangup_signal();
         tasks.spawn(
             reload::Reloader {
                 certificate: prepared.certificate.clone(),
-                cert: config.listen.cert.clone(),
-                key: config.listen.key.clone(),
-                ca: config.upstream.ca.clone(),
+                config: config.clone(),
+                path: config.source.clone(),
                 upstream: upstream.clone(),
                 metrics: metrics.clone(),
-                check_interval: config.listen.reload_check_interval,
+                expiry,
+                hangup,
             }
-            .run(rx.clone()),
+            .run(stop.clone()),
         );
         if !rate_limits.is_off() {
-            let mut stop = rx.clone();
+            let stop = stop.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(RATE_LIMIT_PRUNE_INTERVAL);
                 loop {
                     tokio::select! {
-                        _ = stop.changed() => return,
+                        _ = stop.cancelled() => return,
                         _ = tick.tick() => rate_limits.prune(),
                     }
                 }
             });
         }
+        tasks.close();
         let listener_task = listener::run(
             listener,
             TlsAcceptor::from(prepared.tls),
             settings,
             proxy,
-            rx,
+            stop.clone(),
         );
         let task = tokio::spawn(async move {
             listener_task.await;
-            while tasks.join_next().await.is_some() {}
+            tasks.wait().await;
         });
         tracing::info!(
             target: "ndes_gateway",
@@ -237,7 +248,7 @@ impl Gateway {
             admin_addr,
             metrics,
             readiness,
-            shutdown,
+            stop,
             task,
         })
     }
@@ -260,7 +271,7 @@ impl Gateway {
     /// `listen.drain_timeout`), closes idle connections, then returns.
     pub async fn shutdown(self) {
         self.readiness.set_draining();
-        let _ = self.shutdown.send(true);
+        self.stop.cancel();
         let _ = self.task.await;
     }
 

@@ -18,9 +18,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::client_addr::{read_proxy_header, Prefixed};
 use crate::config::Config;
@@ -120,18 +122,24 @@ impl ListenerSettings {
     }
 }
 
-/// Accepts until `shutdown` turns true, then waits for open connections to finish.
+/// Accepts until `stop`, then waits for open connections to finish: each is told to close (after
+/// the response in flight for HTTP/1.1, by GOAWAY for HTTP/2) and given `drain_timeout`; those
+/// still running past it are dropped and counted.
 pub async fn run(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     settings: Arc<ListenerSettings>,
     proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let connections = TaskTracker::new();
+    // Fired at the drain deadline for connections that did not end by themselves (a handshake
+    // still within its own timeout, a task stuck on a peer).
+    let abort = CancellationToken::new();
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
@@ -162,21 +170,34 @@ pub async fn run(
         let acceptor = acceptor.clone();
         let settings = settings.clone();
         let proxy = proxy.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            serve_connection(tcp, peer, acceptor, settings, proxy, shutdown).await;
+        let stop = stop.clone();
+        let abort = abort.clone();
+        connections.spawn(async move {
+            let metrics = proxy.metrics.clone();
+            tokio::select! {
+                _ = serve_connection(tcp, peer, acceptor, settings, proxy, stop) => {}
+                _ = abort.cancelled() => metrics.connections_aborted_total.inc(),
+            }
             drop(slot);
         });
     }
     drop(listener);
-    // Every open connection holds a slot: getting them all back means all have finished.
-    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    connections.close();
     // The connections' own deadlines are the drain timeout; a little more here lets them log.
-    let _ = tokio::time::timeout(
+    let drained = tokio::time::timeout(
         settings.drain_timeout + Duration::from_secs(1),
-        slots.acquire_many(all),
+        connections.wait(),
     )
     .await;
+    if drained.is_err() {
+        tracing::warn!(
+            target: "ndes_gateway::listener",
+            connections = connections.len(),
+            "drain deadline (listen.drain_timeout): dropping the connections still open"
+        );
+        abort.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
+    }
 }
 
 async fn serve_connection(
@@ -185,7 +206,7 @@ async fn serve_connection(
     acceptor: TlsAcceptor,
     settings: Arc<ListenerSettings>,
     proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
     let metrics = proxy.metrics.clone();
@@ -311,12 +332,7 @@ async fn serve_connection(
             });
             CONN.scope(
                 shared,
-                ctx.drive(
-                    conn.as_mut(),
-                    |c| c.graceful_shutdown(),
-                    false,
-                    &mut shutdown,
-                ),
+                ctx.drive(conn.as_mut(), |c| c.graceful_shutdown(), false, &stop),
             )
             .await;
         }
@@ -327,12 +343,7 @@ async fn serve_connection(
                 // buffers.
                 let mut conn = Box::new(settings.http1.serve_connection(TokioIo::new(io), service));
                 let parked = ctx
-                    .drive(
-                        Pin::new(&mut *conn),
-                        |c| c.graceful_shutdown(),
-                        true,
-                        &mut shutdown,
-                    )
+                    .drive(Pin::new(&mut *conn), |c| c.graceful_shutdown(), true, &stop)
                     .await;
                 if !parked {
                     return;
@@ -351,7 +362,7 @@ async fn serve_connection(
                 if io.prefix.is_empty() {
                     let resumed = {
                         let _parked = Parked::new(&metrics.connections_parked);
-                        ctx.wait_parked(&mut io, &mut shutdown).await
+                        ctx.wait_parked(&mut io, &stop).await
                     };
                     if !resumed {
                         return;
@@ -385,7 +396,7 @@ impl ConnCtx<'_> {
         mut conn: Pin<&mut C>,
         graceful: fn(Pin<&mut C>),
         can_park: bool,
-        shutdown: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> bool
     where
         C: std::future::Future<Output = hyper::Result<()>>,
@@ -418,7 +429,7 @@ impl ConnCtx<'_> {
                     }
                     return activity.parking.load(Ordering::Relaxed);
                 }
-                _ = shutdown.changed(), if closing_deadline.is_none() => {
+                _ = stop.cancelled(), if closing_deadline.is_none() => {
                     // HTTP/1.1: close after the response in flight; HTTP/2: GOAWAY, streams finish.
                     graceful(conn.as_mut());
                     closing_deadline = Some(Instant::now() + settings.drain_timeout);
@@ -469,7 +480,7 @@ impl ConnCtx<'_> {
     async fn wait_parked<T: AsyncRead + AsyncWrite + Unpin>(
         &self,
         io: &mut ActivityIo<T>,
-        shutdown: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // One TLS record is decrypted whole whatever is asked for; the rest stays in rustls.
@@ -484,7 +495,7 @@ impl ConnCtx<'_> {
                 // The client closed, or the stream failed: nothing is owed to it.
                 _ => return false,
             },
-            _ = shutdown.changed() => "connection closed for the drain",
+            _ = stop.cancelled() => "connection closed for the drain",
             _ = tokio::time::sleep_until(deadline) => "idle connection closed (listen.idle_timeout)",
         };
         tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "{why}");

@@ -227,13 +227,21 @@ fn write_new(path: &std::path::Path, text: &str, private: bool) -> Result<(), St
 }
 
 async fn serve(path: PathBuf) -> Result<(), String> {
+    use ndes_gateway::reload::notify_systemd;
+    use sd_notify::NotifyState;
+    // First of all: a supervisor may send SIGHUP (`systemctl reload`) or SIGTERM as soon as the
+    // process exists, and their default actions would end it without a word (systemd counts a
+    // SIGHUP death as a clean exit, so Restart=on-failure would not bring it back).
+    let _hangup = ndes_gateway::reload::hangup_signal();
+    let stop = ndes_gateway::stop_signal();
     let config = Config::load(&path).map_err(|e| e.to_string())?;
     logging::init(&config.log);
     raise_open_file_limit(config.listen.max_connections);
-    // Before "listening" is logged: a supervisor may stop the gateway as soon as it reads it.
-    let stop = ndes_gateway::stop_signal();
     let gateway = Gateway::start(&config).await.map_err(|e| e.to_string())?;
+    // Type=notify: started means the listeners are bound and the handlers in place.
+    notify_systemd(&[NotifyState::Ready]);
     stop.await;
+    notify_systemd(&[NotifyState::Stopping]);
     tracing::info!(target: "ndes_gateway", "stopping: finishing requests in flight");
     gateway.shutdown().await;
     Ok(())

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub scep_parse_errors_total: IntCounterVec,
     pub certificate_expiry_timestamp_seconds: IntGaugeVec,
     pub reloads_total: IntCounterVec,
+    pub upstream_retries_total: IntCounterVec,
+    pub connections_aborted_total: IntCounter,
 }
 
 impl Metrics {
@@ -148,6 +150,17 @@ impl Metrics {
             ),
             &["target", "result"],
         )?;
+        let upstream_retries_total = IntCounterVec::new(
+            Opts::new(
+                "upstream_retries_total",
+                "Requests sent to NDES a second time on a new connection, by reason: unsent (the pooled connection closed before any of the request was written), no_answer (GetCACaps or GetCACert on a reused connection that closed before any byte of an answer).",
+            ),
+            &["reason"],
+        )?;
+        let connections_aborted_total = IntCounter::new(
+            "connections_aborted_total",
+            "Client connections still open at the end of the drain (listen.drain_timeout), dropped.",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "The running version."),
             &["version"],
@@ -173,7 +186,15 @@ impl Metrics {
         registry.register(Box::new(scep_parse_errors_total.clone()))?;
         registry.register(Box::new(certificate_expiry_timestamp_seconds.clone()))?;
         registry.register(Box::new(reloads_total.clone()))?;
-        for target in ["listener", "upstream_trust"] {
+        registry.register(Box::new(upstream_retries_total.clone()))?;
+        registry.register(Box::new(connections_aborted_total.clone()))?;
+        for reason in [
+            crate::upstream::RETRY_UNSENT,
+            crate::upstream::RETRY_NO_ANSWER,
+        ] {
+            upstream_retries_total.with_label_values(&[reason]);
+        }
+        for target in ["config", "listener", "upstream_trust"] {
             for result in ["ok", "error"] {
                 reloads_total.with_label_values(&[target, result]);
             }
@@ -218,6 +239,8 @@ impl Metrics {
             scep_parse_errors_total,
             certificate_expiry_timestamp_seconds,
             reloads_total,
+            upstream_retries_total,
+            connections_aborted_total,
         })
     }
 

@@ -452,6 +452,11 @@ impl Proxy {
             });
         }
 
+        // GetCACaps and GetCACert may go twice if a reused connection closes under them; a
+        // PKIOperation never does once written.
+        let idempotent = parts.method == Method::GET
+            && scep.operation != Some(ScepOperation::PkiOperation)
+            && body.is_empty();
         let upstream_req = match self.upstream_request(
             &parts.method,
             &parts.uri,
@@ -465,7 +470,7 @@ impl Proxy {
         };
         let upstream_started = Instant::now();
         outcome.sent_upstream = true;
-        let sent = self.upstream.send(upstream_req).await;
+        let sent = self.upstream.send(upstream_req, idempotent).await;
         outcome.upstream_seconds = Some(upstream_started.elapsed().as_secs_f64());
         match sent {
             Ok(answer) => {

@@ -1,21 +1,26 @@
-//! Certificate hot reload: on SIGHUP, and when the certificate, key or CA files change (a
-//! Kubernetes Secret update swaps a symlink; a renewal rewrites the file). Open connections keep
-//! going; new handshakes get the new certificate. A set that does not load is refused, the one in
-//! force kept, and the failure logged and counted.
+//! Hot reload: on SIGHUP, and when the config file or the certificate, key or CA files it names
+//! change (a Kubernetes Secret update swaps a symlink; a renewal rewrites the file). The config
+//! file is read again, so new file paths and new pins take effect too. Open connections keep
+//! going; new handshakes get the new certificate, new connections to NDES the new trust. A set
+//! that does not load is refused, the one in force kept, and the failure logged and counted.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use crate::certwatch::Expiry;
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tls::ListenerCertificate;
 use crate::upstream::Upstream;
 
 /// What identifies a file's content without reading it: the real path behind any symlinks, its
 /// modification time and its length.
-fn fingerprint(path: &Path) -> Option<(PathBuf, SystemTime, u64)> {
+type Fingerprint = Option<(PathBuf, SystemTime, u64)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
     let real = std::fs::canonicalize(path).ok()?;
     let meta = std::fs::metadata(&real).ok()?;
     Some((real, meta.modified().ok()?, meta.len()))
@@ -23,35 +28,44 @@ fn fingerprint(path: &Path) -> Option<(PathBuf, SystemTime, u64)> {
 
 pub struct Reloader {
     pub certificate: Arc<ListenerCertificate>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: Option<PathBuf>,
+    /// The settings in force: the config as read at start, then as each accepted reload read it.
+    pub config: Config,
+    /// The file the config came from, read again on every reload; `None` for a config built in
+    /// memory, whose certificate files are still reloaded.
+    pub path: Option<PathBuf>,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
-    pub check_interval: Duration,
+    pub expiry: Arc<Expiry>,
+    /// Subscribed before the gateway said it was listening: a `systemctl reload` sent right
+    /// after start must not meet SIGHUP's default action, which ends the process.
+    pub hangup: Hangup,
 }
 
 impl Reloader {
-    fn fingerprints(&self) -> Vec<Option<(PathBuf, SystemTime, u64)>> {
-        [Some(&self.cert), Some(&self.key), self.ca.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|p| fingerprint(p))
-            .collect()
+    fn fingerprints(&self) -> Vec<Fingerprint> {
+        let c = &self.config;
+        [
+            self.path.as_ref(),
+            Some(&c.listen.cert),
+            Some(&c.listen.key),
+            c.upstream.ca.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| fingerprint(p))
+        .collect()
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut hangup = hangup_signal();
+    pub async fn run(mut self, stop: CancellationToken) {
         let mut seen = self.fingerprints();
-        let mut tick = tokio::time::interval(self.check_interval);
+        let mut tick = tokio::time::interval(self.config.listen.reload_check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let why = tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = hangup_recv(&mut hangup) => "SIGHUP",
+                _ = stop.cancelled() => return,
+                _ = hangup_recv(&mut self.hangup) => "SIGHUP",
                 _ = tick.tick() => {
-                    let now = self.fingerprints();
-                    if now == seen {
+                    if self.fingerprints() == seen {
                         continue;
                     }
                     // A Secret update writes files one by one: wait for them to settle.
@@ -59,47 +73,121 @@ impl Reloader {
                     "files changed"
                 }
             };
-            seen = self.fingerprints();
+            // systemd 253 and later want the time beside RELOADING=1.
+            let mut reloading = vec![sd_notify::NotifyState::Reloading];
+            reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+            notify_systemd(&reloading);
             self.reload(why);
+            seen = self.fingerprints();
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
         }
     }
 
-    fn reload(&self, why: &str) {
-        let listener = self.certificate.reload(&self.cert, &self.key);
-        let upstream = self.upstream.reload_trust();
+    fn count(&self, target: &str, result: &str) {
+        self.metrics
+            .reloads_total
+            .with_label_values(&[target, result])
+            .inc();
+    }
+
+    fn reload(&mut self, why: &str) {
+        if let Some(path) = &self.path {
+            match Config::load(path) {
+                Ok(fresh) => {
+                    self.count("config", "ok");
+                    let needs_restart = restart_keys(&self.config, &fresh);
+                    if !needs_restart.is_empty() {
+                        tracing::warn!(
+                            target: "ndes_gateway::reload",
+                            trigger = why,
+                            keys = %needs_restart.join(", "),
+                            "these changes take effect at the next restart; the rest is reloaded now"
+                        );
+                    }
+                    // Only what a reload applies is taken; the rest stays as the process runs it.
+                    self.config.listen.cert = fresh.listen.cert;
+                    self.config.listen.key = fresh.listen.key;
+                    self.config.upstream.ca = fresh.upstream.ca;
+                    self.config.upstream.spki_sha256 = fresh.upstream.spki_sha256;
+                }
+                Err(e) => {
+                    self.count("config", "error");
+                    tracing::error!(target: "ndes_gateway::reload", trigger = why, error = %e, "reload refused: the config file does not load; keeping the settings in force");
+                    return;
+                }
+            }
+        }
+        let c = &self.config;
+        let listener = self.certificate.reload(&c.listen.cert, &c.listen.key);
+        if listener.is_ok() {
+            self.expiry.set_listener(&self.certificate);
+        }
+        let upstream = self.upstream.reload_trust(&c.upstream);
         for (target, result) in [("listener", listener), ("upstream_trust", upstream)] {
             match result {
                 Ok(()) => {
-                    self.metrics
-                        .reloads_total
-                        .with_label_values(&[target, "ok"])
-                        .inc();
+                    self.count(target, "ok");
                     tracing::info!(target: "ndes_gateway::reload", what = target, trigger = why, "reloaded");
                 }
                 Err(e) => {
-                    self.metrics
-                        .reloads_total
-                        .with_label_values(&[target, "error"])
-                        .inc();
+                    self.count(target, "error");
                     tracing::error!(target: "ndes_gateway::reload", what = target, trigger = why, error = %e, "reload refused: keeping the certificates in force");
                 }
             }
         }
+        // NDES's certificate as seen under the new trust, and the RA set, at once rather than at
+        // the next scep.cert_check_interval.
+        self.expiry.recheck.notify_one();
+    }
+}
+
+/// The keys that changed between `old` and `new` that a reload does not apply.
+fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut same = new.clone();
+    same.listen.cert.clone_from(&old.listen.cert);
+    same.listen.key.clone_from(&old.listen.key);
+    same.upstream.ca.clone_from(&old.upstream.ca);
+    same.upstream
+        .spki_sha256
+        .clone_from(&old.upstream.spki_sha256);
+    // Each section compared as a whole: the warning names the section, the operator's diff
+    // names the key.
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
+        ("[listen]", &old.listen, &same.listen),
+        ("[upstream]", &old.upstream, &same.upstream),
+        ("[limits]", &old.limits, &same.limits),
+        ("[log]", &old.log, &same.log),
+        ("[rate_limit]", &old.rate_limit, &same.rate_limit),
+        ("[admin]", &old.admin, &same.admin),
+        ("[scep]", &old.scep, &same.scep),
+    ];
+    sections
+        .into_iter()
+        .filter(|(_, a, b)| format!("{a:?}") != format!("{b:?}"))
+        .map(|(name, _, _)| name)
+        .collect()
+}
+
+/// Tells systemd (Type=notify) what the gateway is doing; nothing without `NOTIFY_SOCKET`.
+pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(target: "ndes_gateway", error = %e, "cannot notify the service manager");
     }
 }
 
 #[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
+pub type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
-type Hangup = ();
+pub type Hangup = ();
 
+/// Subscribes to SIGHUP. From the first call on, SIGHUP no longer ends the process.
 #[cfg(unix)]
-fn hangup_signal() -> Hangup {
+pub fn hangup_signal() -> Hangup {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
 }
 
 #[cfg(not(unix))]
-fn hangup_signal() -> Hangup {}
+pub fn hangup_signal() -> Hangup {}
 
 #[cfg(unix)]
 async fn hangup_recv(h: &mut Hangup) {

@@ -124,11 +124,12 @@ fn spki_digest(cert: &[u8]) -> Option<[u8; 32]> {
 struct PinnedVerifier {
     webpki: Arc<WebPkiServerVerifier>,
     pins: Vec<[u8; 32]>,
-    /// The last certificate NDES presented, for its expiry gauge and `doctor`.
+    /// The last certificate NDES presented that passed every check, for its expiry gauge and
+    /// `doctor`.
     seen: SeenLeaf,
 }
 
-/// The certificate NDES presented last, whether or not it passed.
+/// The certificate NDES presented last that passed chain, name and pin checks.
 pub type SeenLeaf = Arc<std::sync::Mutex<Option<CertificateDer<'static>>>>;
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -140,9 +141,6 @@ impl ServerCertVerifier for PinnedVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(mut seen) = self.seen.lock() {
-            *seen = Some(end_entity.clone().into_owned());
-        }
         let verified = self.webpki.verify_server_cert(
             end_entity,
             intermediates,
@@ -150,19 +148,21 @@ impl ServerCertVerifier for PinnedVerifier {
             ocsp_response,
             now,
         )?;
-        if self.pins.is_empty() {
-            return Ok(verified);
-        }
         // The server's own certificate only, as Envoy does: the other certificates a server sends
         // need not be the ones webpki built its path from, so a pin matched there could be a
         // public certificate appended to an impostor's chain.
-        if spki_digest(end_entity).is_some_and(|d| self.pins.contains(&d)) {
-            Ok(verified)
-        } else {
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+        if !self.pins.is_empty() && !spki_digest(end_entity).is_some_and(|d| self.pins.contains(&d))
+        {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(PinMismatch)),
-            )))
+            )));
         }
+        // Recorded only once chain, name and pin passed: a certificate that failed carries a
+        // subject of anyone's choosing, and must never reach the expiry gauge.
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(end_entity.clone().into_owned());
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -549,8 +549,8 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An idle connection ready for a request, or a new one.
-    async fn checkout(&self) -> Result<Conn, UpstreamError> {
+    /// An idle connection ready for a request (true: reused), or a new one.
+    async fn checkout(&self) -> Result<(Conn, bool), UpstreamError> {
         loop {
             let popped = self.lock().pop();
             let Some((mut conn, since)) = popped else {
@@ -560,9 +560,14 @@ impl Pool {
                 continue;
             }
             if conn.sender.is_ready() || conn.sender.ready().await.is_ok() {
-                return Ok(conn);
+                return Ok((conn, true));
             }
         }
+        Ok((self.connect().await?, false))
+    }
+
+    /// A new connection, never one from the stack.
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
         let stream = self.connector.connect().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -650,9 +655,19 @@ pub struct Upstream {
     /// the number of clients and HTTP/2 streams and however slowly they read.
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
+    /// The gateway's own requests (readiness probe, certificate watch) have slots of their own:
+    /// a replica whose `max_in_flight` PKIOperations all wait on Intune still answers its probe,
+    /// and so stays ready.
+    own_checks: tokio::sync::Semaphore,
     queue_timeout: Duration,
     max_response_bytes: usize,
+    /// Counts requests sent again on a new connection, by reason.
+    retried: Option<prometheus::IntCounterVec>,
 }
+
+/// The gateway's own requests to NDES at once, apart from `max_in_flight`: the probe and the
+/// certificate watch, one each.
+const OWN_CHECK_SLOTS: usize = 2;
 
 fn protocol(message: String) -> UpstreamError {
     UpstreamError {
@@ -706,9 +721,17 @@ impl Upstream {
             response_timeout: c.response_timeout,
             in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
             max_in_flight: c.max_in_flight,
+            own_checks: tokio::sync::Semaphore::new(OWN_CHECK_SLOTS),
             queue_timeout: c.connect_timeout,
             max_response_bytes: c.max_response_bytes,
+            retried: None,
         }
+    }
+
+    /// Counts the requests sent again on a new connection in `counter`, by reason.
+    pub fn counting_retries(mut self, counter: prometheus::IntCounterVec) -> Upstream {
+        self.retried = Some(counter);
+        self
     }
 
     fn pool(target: &UpstreamTarget, c: &UpstreamConfig) -> Arc<Pool> {
@@ -721,20 +744,30 @@ impl Upstream {
         Pool::new(connector, c)
     }
 
-    /// Reads `upstream.ca` and the pins again (the URL and name stay): a CA file that does not
-    /// load is refused and the trust in force kept.
-    pub fn reload_trust(&self) -> Result<(), ConfigError> {
+    /// Takes `ca` and `spki_sha256` from `c` (a config read again; the URL and name stay): a CA
+    /// file that does not load, or a pin that does not decode, is refused and the trust in force
+    /// kept. Pooled connections made under the old trust are never used again.
+    pub fn reload_trust(&self, c: &UpstreamConfig) -> Result<(), ConfigError> {
         let Some(_) = &self.target.tls else {
             return Ok(());
         };
-        let tls = client_config(&self.config, self.target.seen_leaf.clone())?;
+        let config = UpstreamConfig {
+            ca: c.ca.clone(),
+            spki_sha256: c.spki_sha256.clone(),
+            ..self.config.clone()
+        };
+        let tls = client_config(&config, self.target.seen_leaf.clone())?;
         let target = UpstreamTarget {
             tls: Some(tls),
             ..self.target.clone()
         };
-        let pool = Self::pool(&target, &self.config);
+        let pool = Self::pool(&target, &config);
         // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
         *self.pool.write().unwrap_or_else(|e| e.into_inner()) = pool;
+        // The certificate recorded under the old trust may be one the new trust refuses.
+        if let Ok(mut seen) = self.target.seen_leaf.lock() {
+            *seen = None;
+        }
         Ok(())
     }
 
@@ -757,7 +790,16 @@ impl Upstream {
         *req.uri_mut() = uri;
         req.headers_mut()
             .insert(http::header::HOST, self.target.host_header.clone());
-        self.send(req).await
+        let Ok(slot) = tokio::time::timeout(self.queue_timeout, self.own_checks.acquire()).await
+        else {
+            return Err(UpstreamError {
+                kind: UpstreamErrorKind::Busy,
+                message: "the gateway's own checks of NDES are still waiting on it".to_owned(),
+            });
+        };
+        let answer = self.exchange(req, true).await;
+        drop(slot);
+        answer
     }
 
     /// The same, refused past `limit` bytes of body.
@@ -780,10 +822,13 @@ impl Upstream {
     /// Sends one request and reads the whole answer, within the response timeout and
     /// `upstream.max_response_bytes`. The in-flight slot and the connection are held until the
     /// last byte is in, then the connection goes back to the pool: a client that reads slowly
-    /// holds only the answer, never NDES. A request is never sent twice (a resent PKCSReq can
-    /// burn a one-time challenge or hit "DN already exists"); stale pooled connections are
-    /// avoided by the idle timeout.
-    pub async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, UpstreamError> {
+    /// holds only the answer, never NDES. `idempotent`: the request may be sent again if a
+    /// reused connection closes before answering it (GetCACaps, GetCACert; never PKIOperation).
+    pub async fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        idempotent: bool,
+    ) -> Result<Answer, UpstreamError> {
         let _slot = match tokio::time::timeout(self.queue_timeout, self.in_flight.acquire()).await {
             Ok(Ok(slot)) => slot,
             _ => {
@@ -796,14 +841,55 @@ impl Upstream {
                 })
             }
         };
+        self.exchange(req, idempotent).await
+    }
+
+    /// One request and its whole answer, within the response timeout. IIS closes keep-alive
+    /// connections on its own (its `connectionTimeout`, a restart), and a pooled connection may
+    /// close in the very instant a request is handed to it. Such a request is sent once more, on
+    /// a new connection, when none of it was written (whatever its operation), or when it is
+    /// idempotent and the connection closed before any byte of an answer. A PKIOperation that
+    /// was written is never sent twice: a resent PKCSReq can burn a one-time challenge or hit
+    /// "DN already exists".
+    async fn exchange(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        idempotent: bool,
+    ) -> Result<Answer, UpstreamError> {
         let pool = self.pool.read().unwrap_or_else(|e| e.into_inner()).clone();
         let exchange = async {
-            let mut conn = pool.checkout().await?;
-            let resp = conn
-                .sender
-                .send_request(req)
-                .await
-                .map_err(|e| protocol(error_chain(&e)))?;
+            let (mut conn, reused) = pool.checkout().await?;
+            // Only a reused connection can have closed under the request.
+            let copy = (idempotent && reused).then(|| copy_request(&req));
+            let resp = match conn.sender.try_send_request(req).await {
+                Ok(resp) => resp,
+                Err(mut e) => {
+                    let again = match e.take_message() {
+                        Some(unsent) => Some((unsent, RETRY_UNSENT)),
+                        None if closed_before_answer(e.error()) => {
+                            copy.map(|c| (c, RETRY_NO_ANSWER))
+                        }
+                        None => None,
+                    };
+                    let Some((again, reason)) = again else {
+                        return Err(protocol(error_chain(&e.into_error())));
+                    };
+                    tracing::debug!(
+                        target: "ndes_gateway::upstream",
+                        reason,
+                        error = %error_chain(e.error()),
+                        "connection to NDES closed under the request: sending it on a new one"
+                    );
+                    if let Some(counter) = &self.retried {
+                        counter.with_label_values(&[reason]).inc();
+                    }
+                    conn = pool.connect().await?;
+                    conn.sender
+                        .send_request(again)
+                        .await
+                        .map_err(|e| protocol(error_chain(&e)))?
+                }
+            };
             let (parts, body) = resp.into_parts();
             // A connection whose answer was framed two ways is dropped here, never reused.
             check_answer_framing(&parts.headers)?;
@@ -846,6 +932,38 @@ impl Upstream {
             Ok(result) => result,
         }
     }
+}
+
+/// Retry reasons, the label of `upstream_retries_total`.
+pub const RETRY_UNSENT: &str = "unsent";
+pub const RETRY_NO_ANSWER: &str = "no_answer";
+
+/// The same request again: what an idempotent request needs to be sent a second time.
+fn copy_request(req: &http::Request<Full<Bytes>>) -> http::Request<Full<Bytes>> {
+    let mut copy = http::Request::new(Full::new(Bytes::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// The connection ended, by a close or a reset, before any byte of the answer.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// How long a connection whose answer just ended may take to say it is ready for the next

@@ -527,3 +527,134 @@ pub async fn raw_request_ending(
     let _ = tls.flush().await;
     read_response_ending(&mut tls, wait).await
 }
+
+/// An NDES that ends each keep-alive connection right after its answer without saying so (no
+/// `Connection: close`), as IIS does when its `connectionTimeout` or an application pool recycle
+/// closes a connection: TLS with the NDES certificate in front of a plain-HTTP `backend`, one
+/// request per connection, the public SCEP path mapped onto `backend_path`. The close comes
+/// `linger` after the answer: at once, or late enough to meet the gateway's next request on its
+/// way.
+pub struct ClosingNdes {
+    pub addr: SocketAddr,
+    /// TLS connections accepted.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ClosingNdes {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ClosingNdes {
+    pub async fn start(
+        pki: &Pki,
+        backend: SocketAddr,
+        backend_path: &str,
+        linger: Duration,
+    ) -> ClosingNdes {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tls_acceptor(&pki.ndes_cert, &pki.ndes_key);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let backend_path = backend_path.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let backend_path = backend_path.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let exchange = async {
+                        let request = read_one_request(&mut tls).await?;
+                        let request = with_connection_close(&request, &backend_path);
+                        let mut b = TcpStream::connect(backend).await.ok()?;
+                        b.write_all(&request).await.ok()?;
+                        let mut answer = Vec::new();
+                        b.read_to_end(&mut answer).await.ok()?;
+                        tls.write_all(&without_connection_close(&answer))
+                            .await
+                            .ok()?;
+                        tls.flush().await.ok()
+                    };
+                    if tokio::time::timeout(IO_TIMEOUT, exchange).await.is_err() {
+                        return;
+                    }
+                    if !linger.is_zero() {
+                        tokio::time::sleep(linger).await;
+                    }
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        ClosingNdes {
+            addr,
+            connections,
+            task,
+        }
+    }
+}
+
+/// One HTTP/1.1 request, head and Content-Length body, as the gateway sends it.
+async fn read_one_request<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() > 256 * 1024 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+    while buf.len() < head_end + length {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(buf)
+}
+
+/// The request with its SCEP path mapped onto `path` and `Connection: close` added, so the
+/// backend's answer ends with its connection.
+fn with_connection_close(request: &[u8], path: &str) -> Vec<u8> {
+    let line_end = request
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(request.len());
+    let line = String::from_utf8_lossy(&request[..line_end]).replacen(SCEP, path, 1);
+    let mut out = line.into_bytes();
+    out.extend_from_slice(b"\r\nConnection: close");
+    out.extend_from_slice(&request[line_end..]);
+    out
+}
+
+fn without_connection_close(answer: &[u8]) -> Vec<u8> {
+    let Some(head_end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return answer.to_vec();
+    };
+    let head = String::from_utf8_lossy(&answer[..head_end]);
+    let kept: Vec<&str> = head
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    let mut out = kept.join("\r\n").into_bytes();
+    out.extend_from_slice(&answer[head_end..]);
+    out
+}
