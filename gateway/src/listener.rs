@@ -134,9 +134,11 @@ pub async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let connections = TaskTracker::new();
-    // Fired at the drain deadline for connections that did not end by themselves (a handshake
-    // still within its own timeout, a task stuck on a peer).
-    let abort = CancellationToken::new();
+    // The connections still running, to drop at the drain deadline those that did not end by
+    // themselves (a handshake still within its own timeout, a task stuck on a peer). Touched
+    // once when a connection opens and once when it ends, never per request.
+    let open: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
+    let mut next_key: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -171,15 +173,20 @@ pub async fn run(
         let settings = settings.clone();
         let proxy = proxy.clone();
         let stop = stop.clone();
-        let abort = abort.clone();
-        connections.spawn(async move {
-            let metrics = proxy.metrics.clone();
-            tokio::select! {
-                _ = serve_connection(tcp, peer, acceptor, settings, proxy, stop) => {}
-                _ = abort.cancelled() => metrics.connections_aborted_total.inc(),
-            }
+        let key = next_key;
+        next_key = next_key.wrapping_add(1);
+        let registry = open.clone();
+        // Held across the spawn: the task's own removal waits until its entry is in.
+        let mut entries = open.lock().unwrap_or_else(|e| e.into_inner());
+        let task = connections.spawn(async move {
+            serve_connection(tcp, peer, acceptor, settings, proxy, stop).await;
             drop(slot);
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
         });
+        entries.insert(key, task.abort_handle());
     }
     drop(listener);
     connections.close();
@@ -190,12 +197,24 @@ pub async fn run(
     )
     .await;
     if drained.is_err() {
+        let left: Vec<tokio::task::AbortHandle> = open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, task)| task)
+            .collect();
         tracing::warn!(
             target: "ndes_gateway::listener",
-            connections = connections.len(),
+            connections = left.len(),
             "drain deadline (listen.drain_timeout): dropping the connections still open"
         );
-        abort.cancel();
+        for task in &left {
+            task.abort();
+        }
+        proxy
+            .metrics
+            .connections_aborted_total
+            .inc_by(left.len() as u64);
         let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     }
 }
@@ -405,6 +424,9 @@ impl ConnCtx<'_> {
         let park_after = can_park.then_some(PARK_AFTER);
         // When a connection told to close is dropped, whatever it still has in flight.
         let mut closing_deadline: Option<Instant> = None;
+        // Made once: a new one each turn of the loop would register with the token each time.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             let mut wake = match closing_deadline {
                 Some(deadline) => deadline,
@@ -429,7 +451,7 @@ impl ConnCtx<'_> {
                     }
                     return activity.parking.load(Ordering::Relaxed);
                 }
-                _ = stop.cancelled(), if closing_deadline.is_none() => {
+                _ = &mut stopped, if closing_deadline.is_none() => {
                     // HTTP/1.1: close after the response in flight; HTTP/2: GOAWAY, streams finish.
                     graceful(conn.as_mut());
                     closing_deadline = Some(Instant::now() + settings.drain_timeout);

@@ -17,6 +17,8 @@
 #   BENCH_GATEWAY_LOG     the gateway's log filter (default: no per-request lines, as the peers
 #                         run with access_log off; see gateway.toml.in)
 #   CARGO_TARGET_DIR      where cargo builds (default: <repo>/target)
+#   BENCH_GATEWAY_BIN     a gateway binary to measure instead of building this tree's (to compare
+#                         two versions on one machine)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -82,8 +84,12 @@ trap 'exit 143' TERM
 # ---- build ------------------------------------------------------------------------------------
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
-(cd "$repo" && cargo build --release -p ndes-gateway)
-gateway_bin=$target_dir/release/ndes-gateway
+if [[ -n ${BENCH_GATEWAY_BIN:-} ]]; then
+  gateway_bin=$BENCH_GATEWAY_BIN
+else
+  (cd "$repo" && cargo build --release -p ndes-gateway)
+  gateway_bin=$target_dir/release/ndes-gateway
+fi
 
 # ---- PKI (as /work/shared/anchors/peers.sh makes it) -------------------------------------------
 cd "$dir"
