@@ -113,6 +113,22 @@ fn check_names_the_file_key_and_problem_of_a_broken_config() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("max_body_bytes"), "{stderr}");
 
+    // A count no semaphore can hold is refused by check, not met as a panic at start.
+    let path = config(
+        dir.path(),
+        &pki.gateway_cert,
+        &pki.gateway_key,
+        "max_in_flight = 9223372036854775807\n",
+    );
+    let out = gateway(&["check", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("gateway.toml") && stderr.contains("upstream.max_in_flight"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
     let out = gateway(&["check", "--config", "/nonexistent/gateway.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gateway.toml"));
