@@ -154,8 +154,9 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 /// Starts the demo, sends it SIGTERM once it has printed a line containing `after`, and returns
-/// its exit status and what it printed next. Whatever still runs on its depot then is killed,
-/// so a failing run leaves nothing behind either, and returned.
+/// its exit status and what it printed next. Whatever still runs on its folder (scepserver on its
+/// depot, the NDES stand-in on its config) then is killed, so a failing run leaves nothing behind
+/// either, and returned.
 fn demo_stopped_by_sigterm(after: &str) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let depot = dir.path().join("depot");
@@ -185,28 +186,35 @@ fn demo_stopped_by_sigterm(after: &str) -> (std::process::ExitStatus, Vec<String
     sigterm(&demo.0);
     let status = demo.0.wait().unwrap();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let left = processes_mentioning(depot);
+    let left = processes_mentioning(dir.path().to_str().unwrap());
     for pid in &left {
         let _ = Command::new("kill").args(["-KILL", pid]).status();
     }
     (status, rest, left)
 }
 
-/// systemd, Docker and a test script stop the demo with SIGTERM: the CA it started goes too.
+/// systemd, Docker and a test script stop the demo with SIGTERM: the CA and the NDES stand-in it
+/// started go too.
 #[test]
 fn the_demo_stops_its_ca_on_sigterm() {
     let (status, rest, left) = demo_stopped_by_sigterm("Press Ctrl-C");
     assert!(status.success(), "{status}: {rest:?}");
     assert_eq!(rest, ["stopping..."]);
-    assert!(left.is_empty(), "scepserver outlived the demo");
+    assert!(
+        left.is_empty(),
+        "scepserver or the NDES stand-in outlived the demo"
+    );
 }
 
-/// Stopped while it is still enrolling, the demo takes the CA down as well.
+/// Stopped while it is still starting, the demo takes the CA and the NDES stand-in down as well.
 #[test]
 fn the_demo_stops_its_ca_on_sigterm_while_starting() {
     let (status, rest, left) = demo_stopped_by_sigterm("CA: micromdm scepserver on");
     assert_eq!(status.code(), Some(1), "{status}: {rest:?}");
-    assert!(left.is_empty(), "scepserver outlived the demo");
+    assert!(
+        left.is_empty(),
+        "scepserver or the NDES stand-in outlived the demo"
+    );
 }
 
 #[test]
