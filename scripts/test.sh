@@ -65,6 +65,56 @@ count_from() { # log
     tail -n 1 >"$work/counted"
 }
 
+# The RustSec database as cargo-deny always gets it, fetched from GitHub; where GitHub is out of
+# reach (CI), the offline copy beside the project (../shared/rustsec/README.md).
+advisories() {
+  local rc=0 why
+  timeout 90 cargo deny fetch db >"$work/fetch.log" 2>&1 || rc=$?
+  if ((rc == 0)); then
+    cargo deny check advisories
+    return
+  elif ((rc == 124)); then
+    why="no answer within 90 s"
+  else
+    why=$(grep -a 'fatal:' "$work/fetch.log" | tail -n 1 || true)
+    why=${why:-$(tail -n 1 "$work/fetch.log")}
+  fi
+  echo "the RustSec database cannot be fetched: $why"
+  # cargo-deny 0.20's folder for the default db-urls (deny.toml sets neither db-urls nor db-path).
+  local db=${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/advisory-db-3157b0e258782691
+  local bundle
+  bundle=$(cd .. && pwd)/shared/rustsec/advisory-db.bundle
+  if [[ -f $bundle ]]; then
+    seed_advisory_db "$bundle" "$db"
+  elif [[ -d $db/.git ]]; then
+    echo "no offline copy at $bundle: the database already in $db is used"
+  else
+    echo "advisories NOT checked: no offline copy at $bundle, and no database in $db"
+    return 77
+  fi
+  echo "offline: the RustSec database of $(git -C "$db" show -s --format=%cs HEAD) in $db"
+  cargo deny --offline check advisories
+}
+
+# The copy goes where cargo-deny looks for the default database, with its origin left at GitHub so
+# that a run with a network fetches from there. A database fetched from GitHub that is newer than
+# the copy stays.
+seed_advisory_db() { # bundle db
+  local bundle=$1 db=$2
+  local git=(git -c advice.detachedHead=false -c init.defaultBranch=main)
+  if [[ ! -d $db/.git ]]; then
+    mkdir -p "$(dirname "$db")"
+    "${git[@]}" clone -q "$bundle" "$db"
+    git -C "$db" remote set-url origin https://github.com/RustSec/advisory-db
+    return
+  fi
+  "${git[@]}" -C "$db" fetch -q "$bundle" HEAD
+  local copy here
+  copy=$(git -C "$db" show -s --format=%ct FETCH_HEAD)
+  here=$(git -C "$db" show -s --format=%ct HEAD)
+  ((copy < here)) || "${git[@]}" -C "$db" reset -q --hard FETCH_HEAD
+}
+
 slow_clients() {
   # slowhttptest redraws its status many times a second: its output is kept for a failure only.
   local log=$work/slow-clients.log rc=0
@@ -102,11 +152,10 @@ cargo_test() {
 
 stage "cargo fmt --check" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --locked --all-targets -- -D warnings
-# Advisories need the RustSec database from the network; run `cargo deny check advisories` where
-# it can be fetched.
 for check in licenses bans sources; do
   stage "cargo deny $check" cargo deny check "$check"
 done
+stage "cargo deny advisories" advisories
 stage "TLS audit (testssl.sh)" bash scripts/check-tls.sh
 stage "slow clients (slowhttptest) during enrolments" slow_clients
 stage "deploy/ checks" deploy_checks
