@@ -1,6 +1,6 @@
 //! The command line as a user meets it: `check` on good and broken configs, and the demo.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -170,8 +170,9 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 }
 
 /// Starts the demo, sends it SIGTERM once it has printed a line containing `after`, and returns
-/// its exit status and what it printed next. Whatever still runs on its depot then is killed,
-/// so a failing run leaves nothing behind either, and returned.
+/// its exit status and what it printed next. Whatever still runs on its folder (scepserver on its
+/// depot, the NDES stand-in on its config) then is killed, so a failing run leaves nothing behind
+/// either, and returned.
 fn demo_stopped_by_sigterm(after: &str) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let depot = dir.path().join("depot");
@@ -198,35 +199,38 @@ fn demo_stopped_by_sigterm(after: &str) -> (std::process::ExitStatus, Vec<String
         1,
         "scepserver runs for the demo"
     );
-    let sent = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {}", demo.0.id())])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    sigterm(&demo.0);
     let status = demo.0.wait().unwrap();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let left = processes_mentioning(depot);
+    let left = processes_mentioning(dir.path().to_str().unwrap());
     for pid in &left {
         let _ = Command::new("kill").args(["-KILL", pid]).status();
     }
     (status, rest, left)
 }
 
-/// systemd, Docker and a test script stop the demo with SIGTERM: the CA it started goes too.
+/// systemd, Docker and a test script stop the demo with SIGTERM: the CA and the NDES stand-in it
+/// started go too.
 #[test]
 fn the_demo_stops_its_ca_on_sigterm() {
     let (status, rest, left) = demo_stopped_by_sigterm("Press Ctrl-C");
     assert!(status.success(), "{status}: {rest:?}");
     assert_eq!(rest, ["stopping..."]);
-    assert!(left.is_empty(), "scepserver outlived the demo");
+    assert!(
+        left.is_empty(),
+        "scepserver or the NDES stand-in outlived the demo"
+    );
 }
 
-/// Stopped while it is still enrolling, the demo takes the CA down as well.
+/// Stopped while it is still starting, the demo takes the CA and the NDES stand-in down as well.
 #[test]
 fn the_demo_stops_its_ca_on_sigterm_while_starting() {
     let (status, rest, left) = demo_stopped_by_sigterm("CA: micromdm scepserver on");
     assert_eq!(status.code(), Some(1), "{status}: {rest:?}");
-    assert!(left.is_empty(), "scepserver outlived the demo");
+    assert!(
+        left.is_empty(),
+        "scepserver or the NDES stand-in outlived the demo"
+    );
 }
 
 #[test]
@@ -241,17 +245,8 @@ fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
         &pki.root,
         "[admin]\naddr = \"127.0.0.1:0\"\n",
     );
-    let addr = served.addr;
-    let curl = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(&pki.root)
-        .arg(format!(
-            "https://localhost:{}/certsrv/mscep/mscep.dll?operation=GetCACaps&message=x",
-            addr.port()
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&curl.stdout), "502");
+    let status = curl_status(&pki.root, served.addr.port(), GET_CA_CAPS);
+    assert_eq!(status, "502");
 
     let access = (0..10)
         .map(|_| served.next_json())
@@ -263,18 +258,112 @@ fn serve_logs_json_access_lines_and_stops_cleanly_on_sigterm() {
     assert_eq!(access["client"], "127.0.0.1", "{access}");
     assert!(access["target_bytes"].as_u64().unwrap() > 0);
 
-    // The shell's own kill: no procps needed.
-    let term = Command::new("sh")
-        .args(["-c", &format!("kill -TERM {}", served.child.0.id())])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    sigterm(&served.child.0);
     let status = served.child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
-/// `ndes-gateway serve` with JSON logs on a free port, in front of an upstream nothing listens on
-/// (`extra` is appended to the config); killed when dropped.
+/// journald, `kubectl logs` and log files take stderr through a pipe and keep every byte: the
+/// text they store must carry no terminal colour codes.
+#[test]
+fn serve_writes_text_logs_without_colour_codes_into_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devpki::generate(dir.path()).unwrap();
+    let mut child = serve(
+        dir.path(),
+        &pki.gateway_cert,
+        &pki.gateway_key,
+        &pki.root,
+        "text",
+        "[admin]\nenabled = false\n",
+    );
+    let mut stderr = BufReader::new(child.0.stderr.take().unwrap());
+    let mut log = String::new();
+    let listening = loop {
+        let mut line = String::new();
+        let read = stderr.read_line(&mut line).unwrap();
+        assert!(read > 0, "the gateway exited before listening:\n{log}");
+        log.push_str(&line);
+        if line.contains("listening") {
+            break line;
+        }
+    };
+    // The port follows the listener's address, with or without escape codes around the field.
+    let port: u16 = listening
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no listening address in {listening:?}"));
+    assert_eq!(curl_status(&pki.root, port, GET_CA_CAPS), "502");
+    assert_eq!(curl_status(&pki.root, port, "/certsrv/mscep_admin/"), "404");
+    sigterm(&child.0);
+    let status = child.0.wait().unwrap();
+    stderr.read_to_string(&mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log:?}");
+    for expected in [
+        "ndes_gateway::access",
+        "status=502",
+        "status=404",
+        "stopping",
+    ] {
+        assert!(log.contains(expected), "{expected:?} missing from:\n{log}");
+    }
+}
+
+const GET_CA_CAPS: &str = "/certsrv/mscep/mscep.dll?operation=GetCACaps&message=x";
+
+/// The status curl gets for `target` on the gateway at localhost:`port`, trusting `root`.
+fn curl_status(root: &Path, port: u16, target: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(root)
+        .arg(format!("https://localhost:{port}{target}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The shell's own kill: no procps needed.
+fn sigterm(child: &std::process::Child) {
+    let sent = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// `ndes-gateway serve` on a free port with `format` logs, in front of an upstream nothing listens
+/// on (`extra` is appended to the config), its stderr piped; killed when dropped.
+fn serve(dir: &Path, cert: &Path, key: &Path, root: &Path, format: &str, extra: &str) -> Killed {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"{format}\"\n{extra}",
+        cert.display().to_string(),
+        key.display().to_string(),
+        root.display().to_string(),
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    // What the gateway logs must not depend on the environment the tests run in.
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// [`serve`] with JSON logs, its address read from the "listening" line.
 struct Served {
     child: Killed,
     lines: std::io::Lines<BufReader<std::process::ChildStderr>>,
@@ -283,26 +372,7 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path, cert: &Path, key: &Path, root: &Path, extra: &str) -> Served {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let text = format!(
-            "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nurl = \"https://{closed}/certsrv/mscep/mscep.dll\"\nca = {:?}\nserver_name = \"ndes.corp.test\"\n[log]\nformat = \"json\"\n{extra}",
-            cert.display().to_string(),
-            key.display().to_string(),
-            root.display().to_string(),
-        );
-        let path = dir.join("gateway.toml");
-        std::fs::write(&path, text).unwrap();
-        let mut child = Killed(
-            Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))
-                .args(["serve", "--config", path.to_str().unwrap()])
-                .env_remove("RUST_LOG")
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
+        let mut child = serve(dir, cert, key, root, "json", extra);
         let lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
         let mut served = Served {
             child,

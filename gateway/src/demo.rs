@@ -1,8 +1,10 @@
 //! The local demo: a real SCEP enrolment through the gateway, on loopback.
 //!
-//! micromdm scepserver plays the CA; a second gateway instance plays IIS in front of it (TLS with
+//! micromdm scepserver plays the CA; a second gateway process plays IIS in front of it (TLS with
 //! the NDES certificate, the NDES path mapped onto scepserver's `/scep`); the public gateway
-//! publishes it with pinned trust; scepclient enrols through the public gateway.
+//! publishes it with pinned trust; scepclient enrols through the public gateway. Like the NDES
+//! host's own logs, scepserver's and the stand-in's go to files in the demo folder: the terminal
+//! shows the public gateway's access lines, one per request a client sent.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
@@ -112,23 +114,85 @@ pub async fn wait_for_port(addr: SocketAddr, within: Duration) -> Result<(), ()>
 /// The TLS front that plays IIS on the NDES host: the NDES certificate, plain HTTP to scepserver
 /// on loopback. Limits as wide as the public gateway's, so it never refuses what the gateway passes.
 pub fn front_config(pki: &DevPki, scepserver_url: &str) -> Result<Config, ConfigError> {
-    Config::parse(&format!(
+    Config::parse(&front_config_text(
+        pki,
+        scepserver_url,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    ))
+}
+
+fn front_config_text(pki: &DevPki, scepserver_url: &str, listen: SocketAddr) -> String {
+    // Its log is the NDES host's IIS log: every request that reaches NDES, the probes included.
+    format!(
         r#"
 [listen]
-addr = "127.0.0.1:0"
+addr = "{listen}"
 cert = {cert:?}
 key = {key:?}
 [upstream]
 url = {url:?}
 [log]
-level = "warn"
+level = "info"
 [admin]
 enabled = false
 "#,
         cert = pki.ndes_cert.display().to_string(),
         key = pki.ndes_key.display().to_string(),
         url = scepserver_url,
-    ))
+    )
+}
+
+/// [`front_config`] served by `ndes-gateway serve` in a process of its own, so that its log goes to
+/// `dir/ndes-stand-in.log` as IIS's stays on the NDES host: in the demo's terminal each request
+/// would show twice, and the readiness probe every 2 s. Killed on drop.
+pub struct NdesStandIn {
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl NdesStandIn {
+    pub async fn start(
+        dir: &Path,
+        pki: &DevPki,
+        scepserver_url: &str,
+    ) -> Result<NdesStandIn, String> {
+        let program =
+            std::env::current_exe().map_err(|e| format!("the gateway's own program: {e}"))?;
+        let port = free_port().map_err(|e| format!("no free port: {e}"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = dir.join("ndes-stand-in.toml");
+        std::fs::write(&config, front_config_text(pki, scepserver_url, addr))
+            .map_err(|e| format!("{}: {e}", config.display()))?;
+        let log = dir.join("ndes-stand-in.log");
+        let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = Command::new(program)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting the NDES stand-in: {e}"))?;
+        tokio::select! {
+            up = wait_for_port(addr, Duration::from_secs(15)) => up.map_err(|_| {
+                format!("the NDES stand-in did not start listening on {addr}; see {}", log.display())
+            })?,
+            exited = child.wait() => {
+                return Err(format!(
+                    "the NDES stand-in exited ({}); see {}",
+                    exited.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    log.display()
+                ));
+            }
+        }
+        Ok(NdesStandIn { addr, log, child })
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }
 
 /// The public gateway's config, as an operator would write it for a real NDES.
@@ -231,7 +295,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     };
     let Running {
         public,
-        front,
+        stand_in,
         scep,
         outcome,
     } = running;
@@ -241,7 +305,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         println!("stopping...");
     }
     public.shutdown().await;
-    front.shutdown().await;
+    stand_in.stop().await;
     scep.stop().await;
     outcome
 }
@@ -249,7 +313,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
 /// What the demo keeps running once the device has enrolled, or failed to.
 struct Running {
     public: Gateway,
-    front: Gateway,
+    stand_in: NdesStandIn,
     scep: ScepServer,
     outcome: Result<(), String>,
 }
@@ -275,19 +339,19 @@ async fn start_and_enrol(opts: DemoOptions) -> Result<Running, String> {
 
     let scep = ScepServer::start(&dir).await?;
     println!(
-        "CA: micromdm scepserver on {} (challenge {CHALLENGE:?})",
-        scep.url()
+        "CA: micromdm scepserver on {} (challenge {CHALLENGE:?}), log {}",
+        scep.url(),
+        dir.join("scepserver.log").display()
     );
 
-    let front = Gateway::start(&front_config(&pki, &scep.url()).map_err(|e| e.to_string())?)
-        .await
-        .map_err(|e| format!("NDES stand-in: {e}"))?;
+    let stand_in = NdesStandIn::start(&dir, &pki, &scep.url()).await?;
     println!(
-        "NDES stand-in: https://{}/certsrv/mscep/mscep.dll (TLS as {NDES_NAME}) -> scepserver",
-        front.local_addr()
+        "NDES stand-in: https://{}/certsrv/mscep/mscep.dll (TLS as {NDES_NAME}) -> scepserver, log {}",
+        stand_in.addr,
+        stand_in.log.display()
     );
 
-    let text = public_config_text(&pki, opts.listen, front.local_addr())?;
+    let text = public_config_text(&pki, opts.listen, stand_in.addr)?;
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, &text).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let config = Config::load(&config_path).map_err(|e| e.to_string())?;
@@ -330,17 +394,20 @@ Try it by hand while the demo runs:
   (cd "$(mktemp -d)" && SSL_CERT_FILE={root} scepclient -server-url {url} -challenge {CHALLENGE} -private-key k.key -certificate k.pem -cn my-device)
   {exe} check --config {config}
   {exe} doctor --config {config}
+Each request you send gets one access line below; what reached NDES, the readiness probe
+included, is in {stand_in_log}.
 "#,
             exe = std::env::current_exe()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| "ndes-gateway".to_owned()),
             port = addr.port(),
             config = config_path.display(),
+            stand_in_log = stand_in.log.display(),
         );
     }
     Ok(Running {
         public,
-        front,
+        stand_in,
         scep,
         outcome,
     })
