@@ -719,3 +719,35 @@ async fn sighup_with_a_broken_config_keeps_what_is_in_force() {
     served.signal("TERM");
     assert_eq!(served.child.wait().unwrap().code(), Some(0));
 }
+
+/// A scraper's keep-alive connection to the admin listener ends with the gateway: a stopped
+/// gateway answers nothing more, on any listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_gateway_answers_no_more_on_its_admin_connections() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let (_upstream, gateway) =
+        upstream_and_gateway(&pki, "[admin]\naddr = \"127.0.0.1:0\"\n").await;
+    let mut scraper = tokio::net::TcpStream::connect(gateway.admin_addr().unwrap())
+        .await
+        .unwrap();
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
+    scraper.write_all(healthz).await.unwrap();
+    assert_eq!(
+        read_response(&mut scraper).await.status_line,
+        "HTTP/1.1 200 OK"
+    );
+    tokio::time::timeout(IO_TIMEOUT, gateway.shutdown())
+        .await
+        .expect("the gateway did not stop");
+    // The same connection, after the stop: closed, or at least silent and then closed.
+    let _ = scraper.write_all(healthz).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(IO_TIMEOUT, scraper.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the admin connection outlived the gateway");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "a stopped gateway answered: {}",
+        String::from_utf8_lossy(&rest)
+    );
+}

@@ -113,16 +113,18 @@ pub async fn probe_loop(
     }
 }
 
-/// Serves the admin endpoints until `stop`.
+/// Serves the admin endpoints until `stop`; then its open connections (a scraper's keep-alive)
+/// are closed too, so a stopped gateway answers nothing more.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     stop: CancellationToken,
 ) {
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(_) => {
@@ -133,7 +135,8 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let readiness = readiness.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let response = answer(&req, &metrics, &readiness);
                 async move { Ok::<_, Infallible>(response) }
@@ -142,9 +145,20 @@ pub async fn serve(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10));
-            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
         });
     }
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
 }
 
 fn answer(
