@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 
 /// IIS request filtering `maxUrl` and http.sys `MaxFieldLength` as the NDES guide sets them. It is
@@ -98,6 +99,30 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// The keys that have no default. The sections' defaults would fill them in unnoticed, so a file
+/// is read a second time into this, which serde refuses with the key's name when one is missing.
+/// Only their presence counts: the values are never read.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct RequiredKeys {
+    listen: RequiredListenKeys,
+    upstream: RequiredUpstreamKeys,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct RequiredListenKeys {
+    addr: IgnoredAny,
+    cert: IgnoredAny,
+    key: IgnoredAny,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct RequiredUpstreamKeys {
+    url: IgnoredAny,
+}
+
 /// What to do when the RA certificates NDES hands out have expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -110,16 +135,14 @@ pub enum ExpiredRa {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScepConfig {
     /// Refuse (400) a PKIOperation whose message is not a readable SCEP pkiMessage. Off by
     /// default: inspection then only logs and counts, and never changes what is forwarded.
-    #[serde(default)]
     pub strict: bool,
     /// How often GetCACert is fetched from NDES to export the CA and RA certificates' expiry.
-    #[serde(default = "default_cert_check_interval", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub cert_check_interval: Duration,
-    #[serde(default)]
     pub expired_ra: ExpiredRa,
 }
 
@@ -133,43 +156,33 @@ impl Default for ScepConfig {
     }
 }
 
-fn default_cert_check_interval() -> Duration {
-    CERT_CHECK_INTERVAL
-}
-
 /// Requests per second and burst, per client address and for the whole gateway; 0 turns one off.
 /// Off by default: many devices can share one carrier-grade NAT address.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
-    #[serde(default)]
     pub per_client_rps: f64,
-    #[serde(default)]
     pub per_client_burst: u32,
-    #[serde(default)]
     pub global_rps: f64,
-    #[serde(default)]
     pub global_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Plain HTTP: /metrics, /healthz, /readyz and nothing else.
-    #[serde(default = "default_admin_addr")]
     pub addr: SocketAddr,
-    #[serde(default = "default_true")]
     pub enabled: bool,
-    #[serde(default = "default_probe_interval", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub probe_interval: Duration,
-    #[serde(default = "default_probe_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub probe_timeout: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            addr: default_admin_addr(),
+            addr: ADMIN_ADDR.parse().expect("a valid constant address"),
             enabled: true,
             probe_interval: PROBE_INTERVAL,
             probe_timeout: PROBE_TIMEOUT,
@@ -177,62 +190,66 @@ impl Default for AdminConfig {
     }
 }
 
-fn default_admin_addr() -> SocketAddr {
-    ADMIN_ADDR.parse().expect("a valid constant address")
-}
-fn default_probe_interval() -> Duration {
-    PROBE_INTERVAL
-}
-fn default_probe_timeout() -> Duration {
-    PROBE_TIMEOUT
-}
-
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
     pub addr: SocketAddr,
     /// PEM: the certificate for the public name first, then the intermediates to send.
     pub cert: PathBuf,
     /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key.
     pub key: PathBuf,
-    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
-    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    #[serde(default = "default_true")]
     pub http2: bool,
-    #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
     /// Require a PROXY protocol v1 or v2 header on every connection (behind an L4 load balancer).
-    #[serde(default)]
     pub proxy_protocol: bool,
     /// CIDRs of proxies whose X-Forwarded-For is believed (an ingress next to the gateway).
-    #[serde(default)]
     pub trusted_proxies: Vec<String>,
     /// On SIGTERM, how long requests in flight may take to finish before the process exits.
-    #[serde(default = "default_drain_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
     /// How often the certificate, key and CA files are looked at for a change (SIGHUP reloads at
     /// once).
-    #[serde(
-        default = "default_reload_check_interval",
-        deserialize_with = "duration"
-    )]
+    #[serde(deserialize_with = "duration")]
     pub reload_check_interval: Duration,
     /// Connections one client address (an IPv6 client by its /64) may hold open at once; 0 turns
     /// the cap off.
-    #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
     /// A client that accepts no response bytes for this long loses its stream (HTTP/2) or its
     /// connection (HTTP/1.1).
-    #[serde(default = "default_send_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub send_timeout: Duration,
 }
 
+/// `addr`, `cert` and `key` have no default (see `RequiredKeys`); the values here only stand in
+/// for them in a config built in code.
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            addr: SocketAddr::from(([0, 0, 0, 0], 443)),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+            http2: true,
+            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+            drain_timeout: DRAIN_TIMEOUT,
+            reload_check_interval: RELOAD_CHECK_INTERVAL,
+            max_connections_per_client: MAX_CONNECTIONS_PER_CLIENT,
+            send_timeout: SEND_TIMEOUT,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The full SCEP URL of NDES, path included.
     pub url: String,
@@ -243,49 +260,60 @@ pub struct UpstreamConfig {
     /// The Host header sent upstream; defaults to `server_name`.
     pub host_header: Option<String>,
     /// SHA-256 of the NDES certificate's SubjectPublicKeyInfo, base64 (Envoy's format).
-    #[serde(default)]
     pub spki_sha256: Vec<String>,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
-    #[serde(default = "default_response_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub response_timeout: Duration,
-    #[serde(default = "default_pool_idle_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub pool_idle_timeout: Duration,
-    #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
     /// Requests sent to NDES at once; more wait up to connect_timeout, then get 503.
-    #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// NDES's answer is read whole, up to this many bytes, before the client is written to; a
     /// larger answer is a 502.
-    #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
     /// Request header names forwarded to NDES beside the fixed allowlist (Content-Type,
     /// User-Agent, Accept; Host, Content-Length and X-Forwarded-* are the gateway's own).
-    #[serde(default)]
     pub forward_headers: Vec<String>,
 }
 
+/// `url` has no default (see `RequiredKeys`); the empty one only stands in for it in a config
+/// built in code.
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: String::new(),
+            ca: None,
+            server_name: None,
+            host_header: None,
+            spki_sha256: Vec::new(),
+            connect_timeout: CONNECT_TIMEOUT,
+            response_timeout: RESPONSE_TIMEOUT,
+            pool_idle_timeout: POOL_IDLE_TIMEOUT,
+            pool_max_idle: POOL_MAX_IDLE,
+            max_in_flight: MAX_IN_FLIGHT,
+            max_response_bytes: MAX_RESPONSE_BYTES,
+            forward_headers: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    #[serde(default = "default_max_uri_bytes")]
     pub max_uri_bytes: usize,
-    #[serde(default = "default_max_query_bytes")]
     pub max_query_bytes: usize,
-    #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
-    #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    #[serde(default = "default_header_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub header_timeout: Duration,
-    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub body_timeout: Duration,
     /// Header fields in one request, over HTTP/1.1 and HTTP/2 alike.
-    #[serde(default = "default_max_header_count")]
     pub max_header_count: usize,
     /// One request, from its head to the last byte of its answer.
-    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
 }
 
@@ -313,12 +341,10 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    #[serde(default)]
     pub format: LogFormat,
     /// A tracing filter: `info`, `debug`, `ndes_gateway=debug,hyper=info`... RUST_LOG wins.
-    #[serde(default = "default_log_level")]
     pub level: String,
 }
 
@@ -326,82 +352,9 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::Text,
-            level: default_log_level(),
+            level: "info".to_owned(),
         }
     }
-}
-
-fn default_handshake_timeout() -> Duration {
-    HANDSHAKE_TIMEOUT
-}
-fn default_idle_timeout() -> Duration {
-    IDLE_TIMEOUT
-}
-fn default_max_connections() -> usize {
-    MAX_CONNECTIONS
-}
-fn default_reload_check_interval() -> Duration {
-    RELOAD_CHECK_INTERVAL
-}
-fn default_drain_timeout() -> Duration {
-    DRAIN_TIMEOUT
-}
-fn default_max_connections_per_client() -> usize {
-    MAX_CONNECTIONS_PER_CLIENT
-}
-fn default_true() -> bool {
-    true
-}
-fn default_max_concurrent_streams() -> u32 {
-    MAX_CONCURRENT_STREAMS
-}
-fn default_connect_timeout() -> Duration {
-    CONNECT_TIMEOUT
-}
-fn default_response_timeout() -> Duration {
-    RESPONSE_TIMEOUT
-}
-fn default_pool_idle_timeout() -> Duration {
-    POOL_IDLE_TIMEOUT
-}
-fn default_pool_max_idle() -> usize {
-    POOL_MAX_IDLE
-}
-fn default_max_in_flight() -> usize {
-    MAX_IN_FLIGHT
-}
-fn default_max_uri_bytes() -> usize {
-    MAX_URI_BYTES
-}
-fn default_max_query_bytes() -> usize {
-    MAX_QUERY_BYTES
-}
-fn default_max_header_bytes() -> usize {
-    MAX_HEADER_BYTES
-}
-fn default_max_body_bytes() -> usize {
-    MAX_BODY_BYTES
-}
-fn default_header_timeout() -> Duration {
-    HEADER_TIMEOUT
-}
-fn default_body_timeout() -> Duration {
-    BODY_TIMEOUT
-}
-fn default_max_header_count() -> usize {
-    MAX_HEADER_COUNT
-}
-fn default_request_timeout() -> Duration {
-    REQUEST_TIMEOUT
-}
-fn default_send_timeout() -> Duration {
-    SEND_TIMEOUT
-}
-fn default_max_response_bytes() -> usize {
-    MAX_RESPONSE_BYTES
-}
-fn default_log_level() -> String {
-    "info".to_owned()
 }
 
 /// Durations are written as strings, "10s", "2m", "500ms" (humantime's syntax).
@@ -443,6 +396,7 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        toml::from_str::<RequiredKeys>(text).map_err(|e| ConfigError(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -651,6 +605,19 @@ mod tests {
             err.contains("response_timeout") && err.contains("not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn keys_without_a_default_are_named_when_missing() {
+        for key in ["addr", "cert", "key", "url"] {
+            let text: String = MINIMAL
+                .lines()
+                .filter(|line| !line.trim_start().starts_with(&format!("{key} = ")))
+                .map(|line| format!("{line}\n"))
+                .collect();
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("missing field `{key}`")), "{err}");
+        }
     }
 
     #[test]
