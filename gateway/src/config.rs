@@ -1,7 +1,8 @@
 //! The configuration file: TOML, parsed once into typed values at start.
 //!
 //! Every default is a named constant next to the setting that uses it, with the IIS or client
-//! behaviour it mirrors. `config/gateway.example.toml` documents every key.
+//! behaviour it mirrors. `config/gateway.example.toml` documents every key. Durations are strings
+//! in humantime's syntax: "10s", "2m", "500ms".
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::IgnoredAny;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// IIS request filtering `maxUrl` and http.sys `MaxFieldLength` as the NDES guide sets them. It is
 /// also the hard ceiling of the `http` crate's URI type, so no configuration can go above it.
@@ -141,7 +142,7 @@ pub struct ScepConfig {
     /// default: inspection then only logs and counts, and never changes what is forwarded.
     pub strict: bool,
     /// How often GetCACert is fetched from NDES to export the CA and RA certificates' expiry.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub cert_check_interval: Duration,
     pub expired_ra: ExpiredRa,
 }
@@ -173,9 +174,9 @@ pub struct AdminConfig {
     /// Plain HTTP: /metrics, /healthz, /readyz and nothing else.
     pub addr: SocketAddr,
     pub enabled: bool,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
 }
 
@@ -198,9 +199,9 @@ pub struct ListenConfig {
     pub cert: PathBuf,
     /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key.
     pub key: PathBuf,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub http2: bool,
@@ -210,18 +211,18 @@ pub struct ListenConfig {
     /// CIDRs of proxies whose X-Forwarded-For is believed (an ingress next to the gateway).
     pub trusted_proxies: Vec<String>,
     /// On SIGTERM, how long requests in flight may take to finish before the process exits.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// How often the certificate, key and CA files are looked at for a change (SIGHUP reloads at
     /// once).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub reload_check_interval: Duration,
     /// Connections one client address (an IPv6 client by its /64) may hold open at once; 0 turns
     /// the cap off.
     pub max_connections_per_client: usize,
     /// A client that accepts no response bytes for this long loses its stream (HTTP/2) or its
     /// connection (HTTP/1.1).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
 }
 
@@ -261,11 +262,11 @@ pub struct UpstreamConfig {
     pub host_header: Option<String>,
     /// SHA-256 of the NDES certificate's SubjectPublicKeyInfo, base64 (Envoy's format).
     pub spki_sha256: Vec<String>,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     /// Requests sent to NDES at once; more wait up to connect_timeout, then get 503.
@@ -306,14 +307,14 @@ pub struct LimitsConfig {
     pub max_query_bytes: usize,
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
     /// Header fields in one request, over HTTP/1.1 and HTTP/2 alike.
     pub max_header_count: usize,
     /// One request, from its head to the last byte of its answer.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
 }
 
@@ -357,16 +358,6 @@ impl Default for LogConfig {
     }
 }
 
-/// Durations are written as strings, "10s", "2m", "500ms" (humantime's syntax).
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "{text:?} is not a duration ({e}); write e.g. \"10s\", \"2m\", \"500ms\""
-        ))
-    })
-}
-
 /// A configuration problem, said so that an operator can fix it: which file, which key, what.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -378,6 +369,17 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// toml's error shows the line and what was expected there; for a duration it also says how to
+/// write one, since `10` or `"10"` look right to anyone who has not read the example.
+fn toml_error(e: toml::de::Error) -> ConfigError {
+    let hint = if e.message().ends_with("expected a duration") {
+        "write a duration as a string with its unit: \"10s\", \"2m\", \"500ms\"\n"
+    } else {
+        ""
+    };
+    ConfigError(format!("{e}{hint}"))
+}
 
 impl Config {
     /// Reads and parses the file. Relative certificate paths are taken relative to the file's
@@ -395,8 +397,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        toml::from_str::<RequiredKeys>(text).map_err(|e| ConfigError(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(toml_error)?;
+        toml::from_str::<RequiredKeys>(text).map_err(toml_error)?;
         config.validate()?;
         Ok(config)
     }
@@ -602,7 +604,9 @@ mod tests {
         let text = MINIMAL.replace("[upstream]", "[upstream]\nresponse_timeout = \"soon\"");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(
-            err.contains("response_timeout") && err.contains("not a duration"),
+            err.contains("response_timeout")
+                && err.contains("expected a duration")
+                && err.contains("\"10s\""),
             "{err}"
         );
     }
