@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// IIS request filtering `maxUrl` and http.sys `MaxFieldLength` as the NDES guide sets them. It is
 /// also the hard ceiling of the `http` crate's URI type, so no configuration can go above it.
@@ -78,8 +78,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Certificates expire in months; an hourly look is plenty and costs NDES nothing.
 pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// The file as written, before anything is loaded from disk.
-#[derive(Debug, Clone, Deserialize)]
+/// The file as written, before anything is loaded from disk. Serialized, it is every setting in
+/// force, defaults included, in the example config's order: what `check` prints.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: ListenConfig,
@@ -87,13 +88,13 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
-    pub log: LogConfig,
-    #[serde(default)]
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
     pub scep: ScepConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// The file this was read from, which a reload reads again; `None` for a config parsed from
     /// text.
     #[serde(skip)]
@@ -125,7 +126,7 @@ struct RequiredUpstreamKeys {
 }
 
 /// What to do when the RA certificates NDES hands out have expired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ExpiredRa {
     /// /readyz fails: devices cannot enrol anyway (NDES answers 500).
@@ -135,7 +136,7 @@ pub enum ExpiredRa {
     Warn,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScepConfig {
     /// Refuse (400) a PKIOperation whose message is not a readable SCEP pkiMessage. Off by
@@ -159,7 +160,7 @@ impl Default for ScepConfig {
 
 /// Requests per second and burst, per client address and for the whole gateway; 0 turns one off.
 /// Off by default: many devices can share one carrier-grade NAT address.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     pub per_client_rps: f64,
@@ -168,7 +169,7 @@ pub struct RateLimitConfig {
     pub global_burst: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Plain HTTP: /metrics, /healthz, /readyz and nothing else.
@@ -191,7 +192,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
     pub addr: SocketAddr,
@@ -249,16 +250,19 @@ impl Default for ListenConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The full SCEP URL of NDES, path included.
     pub url: String,
     /// PEM file of the trust anchors for the NDES certificate; the system roots are never used.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
     /// The name the NDES certificate must carry, sent as SNI; defaults to the URL's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
     /// The Host header sent upstream; defaults to `server_name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub host_header: Option<String>,
     /// SHA-256 of the NDES certificate's SubjectPublicKeyInfo, base64 (Envoy's format).
     pub spki_sha256: Vec<String>,
@@ -300,7 +304,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_uri_bytes: usize,
@@ -333,7 +337,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -341,7 +345,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,

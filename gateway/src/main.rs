@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use ndes_gateway::config::Config;
-use ndes_gateway::{demo, logging, prepare, Gateway};
+use ndes_gateway::proxy::ForwardHeaders;
+use ndes_gateway::{demo, logging, prepare, Gateway, Prepared};
 
 /// Publishes a Microsoft NDES (SCEP) server to the internet: TLS for the public name, IIS-equivalent
 /// request filtering at the edge, and a pinned TLS connection to the internal NDES.
@@ -270,115 +271,79 @@ fn raise_open_file_limit(max_connections: usize) {
 fn check(path: PathBuf) -> Result<(), String> {
     let config = Config::load(&path).map_err(|e| e.to_string())?;
     let prepared = prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (subject, _, not_after) = demo::describe_certificate(&config.listen.cert)?;
-    let c = &prepared.config;
-    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let settings = effective_settings(&prepared)?;
     println!("{}: OK", path.display());
-    println!("[listen]");
-    println!("addr = \"{}\"", c.listen.addr);
-    println!(
-        "cert = {:?}  # {subject}, valid until {not_after}",
-        c.listen.cert.display().to_string()
-    );
-    println!(
-        "key = {:?}  # matches the certificate",
-        c.listen.key.display().to_string()
-    );
-    println!("handshake_timeout = \"{}\"", d(c.listen.handshake_timeout));
-    println!("idle_timeout = \"{}\"", d(c.listen.idle_timeout));
-    println!("max_connections = {}", c.listen.max_connections);
-    println!("http2 = {}", c.listen.http2);
-    println!(
-        "max_concurrent_streams = {}",
-        c.listen.max_concurrent_streams
-    );
-    println!("proxy_protocol = {}", c.listen.proxy_protocol);
-    println!("trusted_proxies = {:?}", c.listen.trusted_proxies);
-    println!(
-        "max_connections_per_client = {}",
-        c.listen.max_connections_per_client
-    );
-    println!("send_timeout = \"{}\"", d(c.listen.send_timeout));
-    println!("drain_timeout = \"{}\"", d(c.listen.drain_timeout));
-    println!(
-        "reload_check_interval = \"{}\"",
-        d(c.listen.reload_check_interval)
-    );
-    println!("[upstream]");
-    println!("url = {:?}", c.upstream.url);
-    if let Some(ca) = &c.upstream.ca {
-        println!("ca = {:?}", ca.display().to_string());
-    }
-    println!("server_name = \"{}\"", prepared.target.server_name.to_str());
-    println!(
-        "host_header = {:?}",
-        prepared.target.host_header.to_str().unwrap_or("")
-    );
-    println!("spki_sha256 = {:?}", c.upstream.spki_sha256);
-    println!("connect_timeout = \"{}\"", d(c.upstream.connect_timeout));
-    println!("response_timeout = \"{}\"", d(c.upstream.response_timeout));
-    println!(
-        "pool_idle_timeout = \"{}\"",
-        d(c.upstream.pool_idle_timeout)
-    );
-    println!("pool_max_idle = {}", c.upstream.pool_max_idle);
-    println!("max_in_flight = {}", c.upstream.max_in_flight);
-    println!("max_response_bytes = {}", c.upstream.max_response_bytes);
-    println!("forward_headers = {:?}", c.upstream.forward_headers);
-    let forward = ndes_gateway::proxy::ForwardHeaders::parse(&c.upstream.forward_headers)
-        .map_err(|e| e.to_string())?;
-    println!(
-        "# request headers that reach NDES, all others dropped: {}",
-        forward.effective().join(", ")
-    );
-    println!("[limits]");
-    println!("max_uri_bytes = {}", c.limits.max_uri_bytes);
-    println!("max_query_bytes = {}", c.limits.max_query_bytes);
-    println!("max_header_bytes = {}", c.limits.max_header_bytes);
-    println!("max_body_bytes = {}", c.limits.max_body_bytes);
-    println!("header_timeout = \"{}\"", d(c.limits.header_timeout));
-    println!("body_timeout = \"{}\"", d(c.limits.body_timeout));
-    println!("max_header_count = {}", c.limits.max_header_count);
-    println!("request_timeout = \"{}\"", d(c.limits.request_timeout));
-    println!("[rate_limit]");
-    let r = &c.rate_limit;
-    println!("per_client_rps = {}  # 0: off", r.per_client_rps);
-    println!("per_client_burst = {}", r.per_client_burst);
-    println!("global_rps = {}  # 0: off", r.global_rps);
-    println!("global_burst = {}", r.global_burst);
-    println!("[admin]");
-    println!("enabled = {}", c.admin.enabled);
-    println!("addr = \"{}\"", c.admin.addr);
-    println!("probe_interval = \"{}\"", d(c.admin.probe_interval));
-    println!("probe_timeout = \"{}\"", d(c.admin.probe_timeout));
-    println!("[scep]");
-    println!("strict = {}", c.scep.strict);
-    println!(
-        "cert_check_interval = \"{}\"",
-        d(c.scep.cert_check_interval)
-    );
-    println!(
-        "expired_ra = \"{}\"",
-        if c.scep.expired_ra == ndes_gateway::config::ExpiredRa::Fail {
-            "fail"
-        } else {
-            "warn"
-        }
-    );
-    println!("[log]");
-    println!(
-        "format = \"{}\"",
-        if c.log.format == ndes_gateway::config::LogFormat::Json {
-            "json"
-        } else {
-            "text"
-        }
-    );
-    println!("level = {:?}", c.log.level);
-    if prepared.target.tls.is_none() {
-        println!(
-            "# warning: plain http:// upstream on loopback: only for a SCEP server on this host"
-        );
-    }
+    print!("{settings}");
     Ok(())
+}
+
+/// Every setting in force as TOML, serialized from the config itself so that no key can be left
+/// out, with [`notes`] as comments.
+fn effective_settings(prepared: &Prepared) -> Result<String, String> {
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot print the settings: {e}");
+    let text = toml::to_string(&prepared.config).map_err(|e| cannot(&e))?;
+    let mut settings: toml_edit::DocumentMut = text.parse().map_err(|e| cannot(&e))?;
+    for (section, key, note) in notes(prepared)? {
+        let value = settings
+            .get_mut(section)
+            .and_then(|s| s.get_mut(key))
+            .and_then(toml_edit::Item::as_value_mut);
+        if let Some(value) = value {
+            let decor = value.decor_mut();
+            let before = decor.suffix().and_then(|s| s.as_str()).unwrap_or("");
+            decor.set_suffix(format!("{before}{note}"));
+        }
+    }
+    Ok(settings.to_string())
+}
+
+/// What the keys alone do not say, each to follow the value of a section's key: what `prepare`
+/// found in the certificate and key, and what the upstream settings come to.
+fn notes(prepared: &Prepared) -> Result<Vec<(&'static str, &'static str, String)>, String> {
+    let c = &prepared.config;
+    let target = &prepared.target;
+    let (subject, _, not_after) = demo::describe_certificate(&c.listen.cert)?;
+    let mut notes = vec![
+        (
+            "listen",
+            "cert",
+            format!("  # {subject}, valid until {not_after}"),
+        ),
+        ("listen", "key", "  # matches the certificate".to_owned()),
+    ];
+    if target.tls.is_none() {
+        notes.push((
+            "upstream",
+            "url",
+            "\n# warning: plain http:// upstream on loopback: only for a SCEP server on this host"
+                .to_owned(),
+        ));
+    }
+    // Where the keys left unset would stand: after url, ca and server_name.
+    let unset_after = if c.upstream.server_name.is_some() {
+        "server_name"
+    } else if c.upstream.ca.is_some() {
+        "ca"
+    } else {
+        "url"
+    };
+    let quoted = |text: &str| toml_edit::Value::from(text).to_string();
+    if c.upstream.server_name.is_none() {
+        let name = quoted(target.server_name.to_str().as_ref());
+        let note = format!("\n# server_name = {name} (unset: the host of url)");
+        notes.push(("upstream", unset_after, note));
+    }
+    if c.upstream.host_header.is_none() {
+        let host = quoted(target.host_header.to_str().unwrap_or(""));
+        let note = format!("\n# host_header = {host} (unset: server_name)");
+        notes.push(("upstream", unset_after, note));
+    }
+    let forward = ForwardHeaders::parse(&c.upstream.forward_headers).map_err(|e| e.to_string())?;
+    let reach = forward.effective().join(", ");
+    let note = format!("\n# request headers that reach NDES, all others dropped: {reach}");
+    notes.push(("upstream", "forward_headers", note));
+    for key in ["per_client_rps", "global_rps"] {
+        notes.push(("rate_limit", key, "  # 0: off".to_owned()));
+    }
+    Ok(notes)
 }
