@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use ndes_gateway::config::Config;
 use ndes_gateway::devpki;
 
 fn gateway(args: &[&str]) -> Output {
@@ -43,6 +44,12 @@ fn check_prints_the_effective_settings_of_a_good_config() {
         "{stdout}"
     );
     assert!(stdout.contains("CN=scep.example.test"), "{stdout}");
+    // After the first line, TOML that reads back as the config that was checked: every key.
+    let (_, settings) = stdout.split_once('\n').unwrap();
+    let printed = Config::parse(settings).unwrap_or_else(|e| panic!("{e}\n{stdout}"));
+    let mut checked = Config::load(&path).unwrap();
+    checked.source = None;
+    assert_eq!(format!("{printed:?}"), format!("{checked:?}"));
 }
 
 #[test]

@@ -575,7 +575,11 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/gateway.example.toml");
 
     const MINIMAL: &str = r#"
         [listen]
@@ -637,7 +641,7 @@ mod tests {
 
     #[test]
     fn the_example_config_parses_and_says_the_defaults() {
-        let example = Config::parse(include_str!("../../config/gateway.example.toml")).unwrap();
+        let example = Config::parse(EXAMPLE).unwrap();
         let defaults = Config::parse(MINIMAL).unwrap();
         assert_eq!(
             format!("{:?}", example.limits),
@@ -690,5 +694,85 @@ mod tests {
         let text = format!("{MINIMAL}\n[limits]\nmax_uri_bytes = 65535\n");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.starts_with("limits.max_uri_bytes"), "{err}");
+    }
+
+    /// `check` prints the config serialized, so each key it can print must be in the example,
+    /// set or in a `# key = value` line, and each key the example names must be one it prints.
+    #[test]
+    fn the_example_config_names_every_key_check_prints() {
+        let set: toml::Table = EXAMPLE.parse().unwrap();
+        let mut named = keys_of(&set);
+        // The example with its `# key = value` lines taken in: optional keys then have a value.
+        let mut section = String::new();
+        let mut all_set = String::new();
+        for line in EXAMPLE.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = format!("{name}.");
+            }
+            let commented_key = line
+                .strip_prefix("# ")
+                .and_then(|l| l.split_once(" = "))
+                .map(|(key, _)| key)
+                .filter(|key| {
+                    !key.is_empty()
+                        && key
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                });
+            match commented_key {
+                Some(key) if named.insert(format!("{section}{key}")) => {
+                    all_set.push_str(&line[2..])
+                }
+                _ => all_set.push_str(line),
+            }
+            all_set.push('\n');
+        }
+        let config = Config::parse(&all_set)
+            .unwrap_or_else(|e| panic!("the example with its commented keys set: {e}"));
+        let printed = keys_of(&toml::Table::try_from(&config).unwrap());
+        let unnamed: Vec<_> = printed.difference(&named).collect();
+        assert!(
+            unnamed.is_empty(),
+            "printed, not in the example: {unnamed:?}"
+        );
+        let unprinted: Vec<_> = named.difference(&printed).collect();
+        assert!(
+            unprinted.is_empty(),
+            "in the example, never printed: {unprinted:?}"
+        );
+    }
+
+    /// `section.key` of every value in `table`.
+    fn keys_of(table: &toml::Table) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for (name, value) in table {
+            match value {
+                toml::Value::Table(section) => {
+                    keys.extend(keys_of(section).into_iter().map(|k| format!("{name}.{k}")))
+                }
+                _ => {
+                    keys.insert(name.clone());
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_as_the_same_settings() {
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nserver_name = \"ndes01.corp.test\"\nconnect_timeout = \"1s 500ms\"",
+        );
+        let text =
+            format!("{text}\n[rate_limit]\nper_client_rps = 2.5\n[log]\nformat = \"json\"\n");
+        let config = Config::parse(&text).unwrap();
+        let printed = toml::to_string(&config).unwrap();
+        assert!(
+            printed.contains("connect_timeout = \"1s 500ms\""),
+            "{printed}"
+        );
+        let again = Config::parse(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        assert_eq!(format!("{again:?}"), format!("{config:?}"));
     }
 }
