@@ -34,16 +34,16 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Enough for a large fleet enrolling at once; each idle TLS connection costs a few KiB.
 pub const MAX_CONNECTIONS: usize = 10_000;
-/// A SCEP client sends one request at a time; a few streams leave room for retries and keep what
-/// one connection can make the gateway hold small.
-/// A PKIOperation can wait tens of seconds on Intune and the CA: long enough for those to finish,
-/// short enough for a rolling update (Kubernetes' default grace period is 30 s).
 /// A Kubernetes Secret update reaches the pod within a minute or so; a few seconds more is fine.
 pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// A PKIOperation can wait tens of seconds on Intune and the CA: long enough for those to finish,
+/// short enough for a rolling update (Kubernetes' default grace period is 30 s).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// A device needs one connection; a whole office behind one NAT address rarely holds hundreds at
 /// once, a client holding thousands is an attack.
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 512;
+/// A SCEP client sends one request at a time; a few streams leave room for retries and keep what
+/// one connection can make the gateway hold small.
 pub const MAX_CONCURRENT_STREAMS: u32 = 16;
 /// A client that takes no response bytes for this long is not a SCEP client reading its answer:
 /// a few KB go out in one flight to anything alive (nginx's send_timeout is 60 s; Apache's 60 s).
