@@ -142,7 +142,7 @@ impl Reloader {
 }
 
 /// The keys that changed between `old` and `new` that a reload does not apply.
-fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
     let mut same = new.clone();
     same.listen.cert.clone_from(&old.listen.cert);
     same.listen.key.clone_from(&old.listen.key);
@@ -150,22 +150,28 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     same.upstream
         .spki_sha256
         .clone_from(&old.upstream.spki_sha256);
-    // Each section compared as a whole: the warning names the section, the operator's diff
-    // names the key.
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
-        ("[listen]", &old.listen, &same.listen),
-        ("[upstream]", &old.upstream, &same.upstream),
-        ("[limits]", &old.limits, &same.limits),
-        ("[log]", &old.log, &same.log),
-        ("[rate_limit]", &old.rate_limit, &same.rate_limit),
-        ("[admin]", &old.admin, &same.admin),
-        ("[scep]", &old.scep, &same.scep),
-    ];
-    sections
-        .into_iter()
-        .filter(|(_, a, b)| format!("{a:?}") != format!("{b:?}"))
-        .map(|(name, _, _)| name)
-        .collect()
+    // Compared as check prints them, key by key, so the warning names each one.
+    let (Ok(toml::Value::Table(before)), Ok(toml::Value::Table(after))) =
+        (toml::Value::try_from(old), toml::Value::try_from(&same))
+    else {
+        return vec!["(the settings could not be compared)".to_owned()];
+    };
+    let mut changed = Vec::new();
+    for (section, value) in &after {
+        let (Some(toml::Value::Table(was)), toml::Value::Table(now)) = (before.get(section), value)
+        else {
+            continue;
+        };
+        for key in was
+            .keys()
+            .chain(now.keys().filter(|k| !was.contains_key(*k)))
+        {
+            if was.get(key) != now.get(key) {
+                changed.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    changed
 }
 
 /// Tells systemd (Type=notify) what the gateway is doing; nothing without `NOTIFY_SOCKET`.
@@ -202,4 +208,26 @@ async fn hangup_recv(h: &mut Hangup) {
 #[cfg(not(unix))]
 async fn hangup_recv(_: &mut Hangup) {
     std::future::pending().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "[listen]\naddr = \"127.0.0.1:0\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[upstream]\nurl = \"https://ndes.corp.test/certsrv/mscep/mscep.dll\"\nca = \"root.pem\"\n";
+
+    #[test]
+    fn only_what_a_reload_cannot_apply_is_named() {
+        let old = Config::parse(TEXT).unwrap();
+        let text = TEXT
+            .replace("a.pem", "b.pem")
+            .replace("root.pem", "other-root.pem")
+            .replace("[upstream]", "idle_timeout = \"2m\"\n[upstream]")
+            + "spki_sha256 = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"]\n[log]\nlevel = \"debug\"\n";
+        let new = Config::parse(&text).unwrap();
+        let mut changed = restart_keys(&old, &new);
+        changed.sort();
+        assert_eq!(changed, ["listen.idle_timeout", "log.level"]);
+        assert!(restart_keys(&old, &old).is_empty());
+    }
 }
