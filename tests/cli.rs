@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use ndes_gateway::config::Config;
-use ndes_gateway::devpki;
+use ndes_gateway::dev::devpki;
 
 fn gateway(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ndes-gateway"))

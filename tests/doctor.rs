@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::*;
 use der::Decode;
 use http_body_util::Full;
-use ndes_gateway::doctor::{self, Finding, Verdict};
+use ndes_gateway::cli::doctor::{self, Finding, Verdict};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 

@@ -11,13 +11,13 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
 use ndes_gateway::config::Config;
-use ndes_gateway::demo::{self, ScepServer};
+use ndes_gateway::dev::demo::{self, ScepServer};
 use ndes_gateway::Gateway;
 use tokio::io::AsyncWriteExt;
 
 struct Chain {
     dir: tempfile::TempDir,
-    pki: ndes_gateway::devpki::DevPki,
+    pki: ndes_gateway::dev::devpki::DevPki,
     scep: ScepServer,
     _front: Gateway,
     public: Gateway,
@@ -26,7 +26,7 @@ struct Chain {
 impl Chain {
     async fn start() -> Chain {
         let dir = tempfile::tempdir().unwrap();
-        let pki = ndes_gateway::devpki::generate(&dir.path().join("pki")).unwrap();
+        let pki = ndes_gateway::dev::devpki::generate(&dir.path().join("pki")).unwrap();
         let scep = ScepServer::start(dir.path())
             .await
             .expect("scepserver (Debian package scep)");
@@ -266,12 +266,12 @@ async fn doctor_passes_against_scepserver_behind_a_tls_front() {
     )
     .unwrap();
     let config = Config::parse(&text).unwrap();
-    let findings = ndes_gateway::doctor::run(&config, None).await;
-    let report = ndes_gateway::doctor::render_text(&findings);
-    assert!(!ndes_gateway::doctor::failed(&findings), "{report}");
+    let findings = ndes_gateway::cli::doctor::run(&config, None).await;
+    let report = ndes_gateway::cli::doctor::render_text(&findings);
+    assert!(!ndes_gateway::cli::doctor::failed(&findings), "{report}");
     let warned: Vec<&str> = findings
         .iter()
-        .filter(|f| f.verdict == ndes_gateway::doctor::Verdict::Warn)
+        .filter(|f| f.verdict == ndes_gateway::cli::doctor::Verdict::Warn)
         .map(|f| f.check)
         .collect();
     // The dev certificate comes straight from the root; scepserver is not IIS.

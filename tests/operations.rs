@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use ndes_gateway::config::Config;
-use ndes_gateway::demo::{self, ScepServer};
-use ndes_gateway::devpki::{self, DevCa};
+use ndes_gateway::dev::demo::{self, ScepServer};
+use ndes_gateway::dev::devpki::{self, DevCa};
 use ndes_gateway::Gateway;
 use tokio::io::AsyncWriteExt;
 

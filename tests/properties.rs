@@ -5,7 +5,7 @@
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 use ndes_gateway::config::{Config, LimitsConfig};
-use ndes_gateway::filter::RequestLimits;
+use ndes_gateway::pipeline::filter::RequestLimits;
 use proptest::prelude::*;
 
 fn limits(max_uri: usize, max_query: usize, max_header: usize) -> RequestLimits {
@@ -98,7 +98,7 @@ proptest! {
         input.extend_from_slice(&bytes);
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let peer = "127.0.0.1:1".parse().unwrap();
-        let _ = rt.block_on(ndes_gateway::client_addr::read_proxy_header(&mut input.as_slice(), peer));
+        let _ = rt.block_on(ndes_gateway::pipeline::client_addr::read_proxy_header(&mut input.as_slice(), peer));
     }
 
     #[test]

@@ -529,7 +529,7 @@ impl Config {
                 );
             }
         }
-        crate::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
+        crate::pipeline::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
         if l.max_header_count == 0 || l.max_header_count > 10_000 {
             return bad(
                 "limits.max_header_count",
@@ -543,7 +543,7 @@ impl Config {
                 format!("{m} is out of range: 1024 to 67108864"),
             );
         }
-        crate::proxy::ForwardHeaders::parse(&self.upstream.forward_headers)?;
+        crate::pipeline::proxy::ForwardHeaders::parse(&self.upstream.forward_headers)?;
         // Far above what one process can serve, and far below what a semaphore can count.
         if !(1..=1_000_000).contains(&self.upstream.max_in_flight) {
             return bad(

@@ -1,28 +1,28 @@
 //! ndes-gateway publishes a Microsoft NDES (SCEP) server to the internet.
 //!
-//! A request passes the stages in this order, one module each: [`listener`] (TCP, PROXY header,
-//! TLS, HTTP), [`client_addr`] (the real client address), [`ratelimit`], [`filter`]
-//! (IIS-equivalent request filtering), [`proxy`] (the request's straight line) and [`upstream`]
-//! (pinned TLS to NDES); [`metrics`] counts them and [`admin`] serves the counts and readiness.
-//! [`config`] reads the file; [`tls`] loads the listener's certificate; [`devpki`] and [`demo`]
-//! serve the local demo and the tests.
+//! The folders follow a request's path, each importing only what lies further along it or the
+//! shared modules beside this one:
+//!
+//! - [`edge`]: accepting, the PROXY header, TLS, HTTP/1.1 and HTTP/2 connections, slow clients.
+//! - [`pipeline`]: the client address, rate limits, IIS-equivalent filtering, the header
+//!   allowlist, the request's straight line to NDES and back.
+//! - [`upstream`]: the pinned TLS connection to NDES, its pool and in-flight limit.
+//! - [`scep`]: reading SCEP messages and CA certificate sets.
+//! - [`ops`]: the admin listener, readiness, the certificate watch, reload, logging.
+//! - [`cli`]: `doctor` and the certificate helpers.
+//! - [`dev`]: the development PKI and the local demo.
+//!
+//! Shared by all: [`config`] (the settings), [`metrics`] (the counters) and [`tls`] (the crypto
+//! provider, PEM loading and the listener's certificate). This module assembles a running
+//! [`Gateway`] from them.
 
-pub mod admin;
-pub mod certs;
-pub mod certwatch;
-pub mod client_addr;
+pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod devpki;
-pub mod doctor;
-pub mod filter;
-pub mod h1scan;
-pub mod listener;
-pub mod logging;
+pub mod dev;
+pub mod edge;
 pub mod metrics;
-pub mod proxy;
-pub mod ratelimit;
-pub mod reload;
+pub mod ops;
+pub mod pipeline;
 pub mod scep;
 pub mod tls;
 pub mod upstream;
@@ -36,14 +36,16 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::Readiness;
-use crate::client_addr::TrustedProxies;
 use crate::config::{Config, ConfigError};
-use crate::filter::RequestLimits;
-use crate::listener::ListenerSettings;
+use crate::edge::listener::{self, ListenerSettings};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::ratelimit::RateLimits;
+use crate::ops::admin::{self, Readiness};
+use crate::ops::{certwatch, reload};
+use crate::pipeline::client_addr::TrustedProxies;
+use crate::pipeline::filter::RequestLimits;
+use crate::pipeline::proxy;
+use crate::pipeline::proxy::Proxy;
+use crate::pipeline::ratelimit::RateLimits;
 use crate::upstream::{Upstream, UpstreamTarget};
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (what systemd, Docker and Kubernetes send): both

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use ndes_gateway::config::Config;
-use ndes_gateway::proxy::ForwardHeaders;
-use ndes_gateway::{demo, logging, prepare, Gateway, Prepared};
+use ndes_gateway::pipeline::proxy::ForwardHeaders;
+use ndes_gateway::{dev::demo, ops::logging, prepare, Gateway, Prepared};
 
 /// Publishes a Microsoft NDES (SCEP) server to the internet: TLS for the public name, IIS-equivalent
 /// request filtering at the edge, and a pinned TLS connection to the internal NDES.
@@ -150,13 +150,13 @@ async fn doctor(path: PathBuf, json: bool, public_name: Option<String>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    let findings = ndes_gateway::doctor::run(&config, public_name.as_deref()).await;
+    let findings = ndes_gateway::cli::doctor::run(&config, public_name.as_deref()).await;
     if json {
-        println!("{}", ndes_gateway::doctor::render_json(&findings));
+        println!("{}", ndes_gateway::cli::doctor::render_json(&findings));
     } else {
-        print!("{}", ndes_gateway::doctor::render_text(&findings));
+        print!("{}", ndes_gateway::cli::doctor::render_text(&findings));
     }
-    if ndes_gateway::doctor::failed(&findings) {
+    if ndes_gateway::cli::doctor::failed(&findings) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -164,7 +164,7 @@ async fn doctor(path: PathBuf, json: bool, public_name: Option<String>) -> ExitC
 }
 
 async fn certs(command: CertsCommand) -> Result<(), String> {
-    use ndes_gateway::certs;
+    use ndes_gateway::cli::certs;
     match command {
         CertsCommand::Csr {
             public_name,
@@ -198,7 +198,7 @@ async fn certs(command: CertsCommand) -> Result<(), String> {
             Ok(())
         }
         CertsCommand::Dev { out } => {
-            let pki = ndes_gateway::devpki::generate(&out)?;
+            let pki = ndes_gateway::dev::devpki::generate(&out)?;
             println!(
                 "dev PKI in {} (root.pem, ndes.pem/.key, gateway.pem/.key)",
                 pki.dir.display()
@@ -228,12 +228,12 @@ fn write_new(path: &std::path::Path, text: &str, private: bool) -> Result<(), St
 }
 
 async fn serve(path: PathBuf) -> Result<(), String> {
-    use ndes_gateway::reload::notify_systemd;
+    use ndes_gateway::ops::reload::notify_systemd;
     use sd_notify::NotifyState;
     // First of all: a supervisor may send SIGHUP (`systemctl reload`) or SIGTERM as soon as the
     // process exists, and their default actions would end it without a word (systemd counts a
     // SIGHUP death as a clean exit, so Restart=on-failure would not bring it back).
-    let _hangup = ndes_gateway::reload::hangup_signal();
+    let _hangup = ndes_gateway::ops::reload::hangup_signal();
     let stop = ndes_gateway::stop_signal();
     let config = Config::load(&path).map_err(|e| e.to_string())?;
     logging::init(&config.log);

@@ -6,7 +6,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::filter::RejectReason;
+use crate::pipeline::filter::RejectReason;
 use crate::upstream::UpstreamErrorKind;
 
 /// From a cached GetCACaps (milliseconds) to a PKIOperation that waited on Intune's challenge

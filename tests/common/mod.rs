@@ -15,7 +15,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ndes_gateway::config::Config;
-use ndes_gateway::devpki::{self, DevCa, DevPki};
+use ndes_gateway::dev::devpki::{self, DevCa, DevPki};
 use ndes_gateway::Gateway;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};

@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::certwatch::Expiry;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::ops::certwatch::Expiry;
 use crate::tls::ListenerCertificate;
 use crate::upstream::Upstream;
 
@@ -98,7 +98,7 @@ impl Reloader {
                     let needs_restart = restart_keys(&self.config, &fresh);
                     if !needs_restart.is_empty() {
                         tracing::warn!(
-                            target: "ndes_gateway::reload",
+                            target: "ndes_gateway::ops::reload",
                             trigger = why,
                             keys = %needs_restart.join(", "),
                             "these changes take effect at the next restart; the rest is reloaded now"
@@ -112,7 +112,7 @@ impl Reloader {
                 }
                 Err(e) => {
                     self.count("config", "error");
-                    tracing::error!(target: "ndes_gateway::reload", trigger = why, error = %e, "reload refused: the config file does not load; keeping the settings in force");
+                    tracing::error!(target: "ndes_gateway::ops::reload", trigger = why, error = %e, "reload refused: the config file does not load; keeping the settings in force");
                     return;
                 }
             }
@@ -127,11 +127,11 @@ impl Reloader {
             match result {
                 Ok(()) => {
                     self.count(target, "ok");
-                    tracing::info!(target: "ndes_gateway::reload", what = target, trigger = why, "reloaded");
+                    tracing::info!(target: "ndes_gateway::ops::reload", what = target, trigger = why, "reloaded");
                 }
                 Err(e) => {
                     self.count(target, "error");
-                    tracing::error!(target: "ndes_gateway::reload", what = target, trigger = why, error = %e, "reload refused: keeping the certificates in force");
+                    tracing::error!(target: "ndes_gateway::ops::reload", what = target, trigger = why, error = %e, "reload refused: keeping the certificates in force");
                 }
             }
         }

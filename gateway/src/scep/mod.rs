@@ -837,7 +837,7 @@ mod tests {
 
     #[test]
     fn ber_as_ios_sends_it_reads_like_der() {
-        let ca = crate::devpki::DevCa::new("BER test CA").unwrap();
+        let ca = crate::dev::devpki::DevCa::new("BER test CA").unwrap();
         use rustls_pki_types::pem::PemObject;
         let cert = |name: &str| {
             let (pem, _) = ca.issue_server(&[name]).unwrap();
@@ -905,7 +905,7 @@ mod tests {
         static SIGNER: std::sync::OnceLock<Certificate> = std::sync::OnceLock::new();
         let cert = SIGNER.get_or_init(|| {
             use rustls_pki_types::pem::PemObject;
-            let ca = crate::devpki::DevCa::new("pkiMessage test CA").unwrap();
+            let ca = crate::dev::devpki::DevCa::new("pkiMessage test CA").unwrap();
             let (pem, _) = ca.issue_server(&["device.corp.test"]).unwrap();
             let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
             Certificate::from_der(&der).unwrap()

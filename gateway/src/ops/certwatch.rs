@@ -10,9 +10,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use x509_cert::Certificate;
 
-use crate::admin::Readiness;
 use crate::config::ExpiredRa;
 use crate::metrics::Metrics;
+use crate::ops::admin::Readiness;
 use crate::scep::{is_ca, not_after_unix, parse_ca_certs};
 use crate::tls::ListenerCertificate;
 use crate::upstream::Upstream;

@@ -15,14 +15,14 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 
-use crate::client_addr::TrustedProxies;
 use crate::config::ConfigError;
-use crate::filter::{
+use crate::metrics::{Metrics, REASON_RATE_LIMITED};
+use crate::pipeline::client_addr::TrustedProxies;
+use crate::pipeline::filter::{
     request_target_len, RejectReason, Rejection, RequestLimits, ScepOperation, ScepPath,
     ScepRequest, WireFacts, PKICLIENT_SUFFIX,
 };
-use crate::metrics::{Metrics, REASON_RATE_LIMITED};
-use crate::ratelimit::{retry_after_secs, RateLimits};
+use crate::pipeline::ratelimit::{retry_after_secs, RateLimits};
 use crate::scep::{
     fail_info_name, message_type_name, parse_get_message, parse_pki_message, pki_status_name,
     PkiMessage,
@@ -342,7 +342,7 @@ impl Proxy {
             self.rate_limited_unlogged
                 .fetch_sub(unlogged, Ordering::Relaxed);
             tracing::warn!(
-                target: "ndes_gateway::filter",
+                target: "ndes_gateway::pipeline::filter",
                 client = %client,
                 limit = key,
                 refused_since_last_line = unlogged,
@@ -723,7 +723,7 @@ fn is_cancelled(e: &(dyn std::error::Error + 'static)) -> bool {
 fn reject(rejection: Rejection, client: IpAddr, outcome: &mut Outcome) -> Response<GatewayBody> {
     outcome.rejected = Some(rejection.reason.label());
     tracing::info!(
-        target: "ndes_gateway::filter",
+        target: "ndes_gateway::pipeline::filter",
         client = %client,
         status = rejection.status.as_u16(),
         reason = rejection.reason.label(),

@@ -24,13 +24,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client_addr::{read_proxy_header, Prefixed};
 use crate::config::Config;
-use crate::filter::{request_target_len, RejectReason, WireFacts};
-use crate::h1scan::HeadScan;
+use crate::edge::h1scan::HeadScan;
 use crate::metrics::{Metrics, REASON_HEADER_TIMEOUT, REASON_MALFORMED};
-use crate::proxy::{GatewayBody, Proxy};
-use crate::ratelimit::client_key;
+use crate::pipeline::client_addr::{read_proxy_header, Prefixed};
+use crate::pipeline::filter::{request_target_len, RejectReason, WireFacts};
+use crate::pipeline::proxy::{GatewayBody, Proxy};
+use crate::pipeline::ratelimit::client_key;
 
 /// Past `limits.request_timeout` the gateway answers 408 or 504 itself; this long more lets that
 /// answer out before a connection whose answer is still going is cut.
@@ -149,7 +149,7 @@ pub async fn run(
             Err(e) => {
                 // Out of file descriptors or a connection reset before accept: wait a little
                 // rather than spin, and keep serving the connections already open.
-                tracing::warn!(target: "ndes_gateway::listener", error = %e, "accept failed");
+                tracing::warn!(target: "ndes_gateway::edge::listener", error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -161,7 +161,7 @@ pub async fn run(
                 .with_label_values(&["max_connections"])
                 .inc();
             tracing::warn!(
-                target: "ndes_gateway::listener",
+                target: "ndes_gateway::edge::listener",
                 client = %peer.ip(),
                 limit = settings.max_connections,
                 "connection refused: listen.max_connections reached"
@@ -204,7 +204,7 @@ pub async fn run(
             .map(|(_, task)| task)
             .collect();
         tracing::warn!(
-            target: "ndes_gateway::listener",
+            target: "ndes_gateway::edge::listener",
             connections = left.len(),
             "drain deadline (listen.drain_timeout): dropping the connections still open"
         );
@@ -271,7 +271,7 @@ async fn serve_connection(
                         .connections_refused_total
                         .with_label_values(&["max_connections_per_client"])
                         .inc();
-                    tracing::info!(target: "ndes_gateway::listener", client = %client.ip(), limit = slots.max, "connection refused: listen.max_connections_per_client reached");
+                    tracing::info!(target: "ndes_gateway::edge::listener", client = %client.ip(), limit = slots.max, "connection refused: listen.max_connections_per_client reached");
                     return;
                 }
             }
@@ -463,7 +463,7 @@ impl ConnCtx<'_> {
                     {
                         // Nothing can be written to it, a close_notify included: dropped.
                         self.metrics.reject(RejectReason::SendTimeout.label());
-                        tracing::info!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection closed: the client took no response bytes within listen.send_timeout");
+                        tracing::info!(target: "ndes_gateway::edge::listener", client = %self.client.ip(), "connection closed: the client took no response bytes within listen.send_timeout");
                         return false;
                     }
                     if can_park
@@ -476,15 +476,15 @@ impl ConnCtx<'_> {
                         // a client that takes it a little at a time: the request's own deadline
                         // ends it.
                         self.metrics.reject(RejectReason::RequestTimeout.label());
-                        tracing::info!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection closed: the answer was not taken within limits.request_timeout");
+                        tracing::info!(target: "ndes_gateway::edge::listener", client = %self.client.ip(), "connection closed: the answer was not taken within limits.request_timeout");
                         return false;
                     }
                     if closing_deadline.is_some() {
-                        tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "connection dropped after the close grace period");
+                        tracing::debug!(target: "ndes_gateway::edge::listener", client = %self.client.ip(), "connection dropped after the close grace period");
                         return false;
                     }
                     if activity.is_idle(settings.idle_timeout) {
-                        tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "idle connection closed (listen.idle_timeout)");
+                        tracing::debug!(target: "ndes_gateway::edge::listener", client = %self.client.ip(), "idle connection closed (listen.idle_timeout)");
                         graceful(conn.as_mut());
                         closing_deadline = Some(Instant::now() + IDLE_CLOSE_GRACE);
                     } else if can_park && activity.can_park(PARK_AFTER) {
@@ -520,7 +520,7 @@ impl ConnCtx<'_> {
             _ = stop.cancelled() => "connection closed for the drain",
             _ = tokio::time::sleep_until(deadline) => "idle connection closed (listen.idle_timeout)",
         };
-        tracing::debug!(target: "ndes_gateway::listener", client = %self.client.ip(), "{why}");
+        tracing::debug!(target: "ndes_gateway::edge::listener", client = %self.client.ip(), "{why}");
         // close_notify, then the TCP close; a client that does not read it is not waited for.
         let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
         false
@@ -598,7 +598,7 @@ fn refuse_proxy_header(metrics: &Metrics, peer: SocketAddr, why: &str) {
         .connections_refused_total
         .with_label_values(&["proxy_protocol"])
         .inc();
-    tracing::info!(target: "ndes_gateway::listener", peer = %peer.ip(), reason = why, "connection refused: listen.proxy_protocol requires a valid PROXY header");
+    tracing::info!(target: "ndes_gateway::edge::listener", peer = %peer.ip(), reason = why, "connection refused: listen.proxy_protocol requires a valid PROXY header");
 }
 
 /// Open connections per client address.
@@ -671,7 +671,7 @@ fn log_connection_error(
     activity: &Activity,
 ) {
     let Some(he) = e.downcast_ref::<hyper::Error>() else {
-        tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %e, "connection error");
+        tracing::debug!(target: "ndes_gateway::edge::listener", client = %peer.ip(), error = %e, "connection error");
         return;
     };
     // A request the parser refused is a request all the same: it gets its access line and its
@@ -705,12 +705,12 @@ fn log_connection_error(
     } else if he.is_timeout() && !activity.partial_head.load(Ordering::Relaxed) {
         // hyper re-arms the header timeout between keep-alive requests: this is an idle
         // HTTP/1.1 connection closed, not a slow client.
-        tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), "idle keep-alive connection closed (limits.header_timeout)");
+        tracing::debug!(target: "ndes_gateway::edge::listener", client = %peer.ip(), "idle keep-alive connection closed (limits.header_timeout)");
     } else if he.is_timeout() {
         metrics.reject(REASON_HEADER_TIMEOUT);
-        tracing::info!(target: "ndes_gateway::filter", client = %peer.ip(), "request head not received within limits.header_timeout");
+        tracing::info!(target: "ndes_gateway::pipeline::filter", client = %peer.ip(), "request head not received within limits.header_timeout");
     } else {
-        tracing::debug!(target: "ndes_gateway::listener", client = %peer.ip(), error = %he, "connection error");
+        tracing::debug!(target: "ndes_gateway::edge::listener", client = %peer.ip(), error = %he, "connection error");
     }
 }
 
@@ -991,7 +991,7 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for Watched<F> {
                     }
                     _ => "the client took no response bytes within listen.send_timeout",
                 };
-                tracing::info!(target: "ndes_gateway::listener", client = %conn.client, reason = why, "HTTP/2 stream reset");
+                tracing::info!(target: "ndes_gateway::edge::listener", client = %conn.client, reason = why, "HTTP/2 stream reset");
                 conn.activity.stalled.store(true, Ordering::Release);
                 conn.activity.kick.notify_one();
                 // Dropping the stream's future resets the stream.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::config::{Config, ConfigError};
-use crate::devpki::{self, DevPki, NDES_NAME};
+use crate::dev::devpki::{self, DevPki, NDES_NAME};
 use crate::upstream::spki_sha256;
 use crate::Gateway;
 
@@ -207,7 +207,7 @@ pub fn public_config_text(
         .map(|c: rustls_pki_types::CertificateDer<'static>| c)
         .map_err(|e| format!("{}: {e}", pki.ndes_cert.display()))?;
     let pin = spki_sha256(&der).ok_or("cannot read the NDES certificate's public key")?;
-    let text = include_str!("../../config/demo.toml")
+    let text = include_str!("../../../config/demo.toml")
         .replace("{listen}", &listen.to_string())
         .replace("{gateway_cert}", &pki.gateway_cert.display().to_string())
         .replace("{gateway_key}", &pki.gateway_key.display().to_string())

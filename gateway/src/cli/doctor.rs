@@ -11,8 +11,8 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectAltName};
 use x509_cert::Certificate;
 
-use crate::certwatch::{ca_and_ra, now_unix, Watched};
 use crate::config::Config;
+use crate::ops::certwatch::{ca_and_ra, now_unix, Watched};
 use crate::upstream::{Upstream, UpstreamErrorKind, UpstreamTarget};
 
 /// Certificates that expire within this are flagged: time to renew, and to roll the change out.

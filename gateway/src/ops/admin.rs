@@ -103,9 +103,9 @@ pub async fn probe_loop(
         };
         if ok != readiness.upstream_ok() {
             if ok {
-                tracing::info!(target: "ndes_gateway::admin", "ready: NDES answers GetCACaps");
+                tracing::info!(target: "ndes_gateway::ops::admin", "ready: NDES answers GetCACaps");
             } else {
-                tracing::warn!(target: "ndes_gateway::admin", reason = %why, "not ready");
+                tracing::warn!(target: "ndes_gateway::ops::admin", reason = %why, "not ready");
             }
         }
         metrics.upstream_ready.set(i64::from(ok));

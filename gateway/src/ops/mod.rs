@@ -1,0 +1,7 @@
+//! Around the request path: the admin listener and readiness, the certificate expiry watch,
+//! reload on SIGHUP and changed files, logging.
+
+pub mod admin;
+pub mod certwatch;
+pub mod logging;
+pub mod reload;
