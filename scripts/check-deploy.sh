@@ -74,7 +74,7 @@ gateway_bin=${NDES_GATEWAY_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/ndes-gat
 if [[ ! -x $gateway_bin && -z ${NDES_GATEWAY_BIN:-} ]]; then
   need_rust
   echo "building $gateway_bin"
-  (cd "$root" && cargo build --locked --bin ndes-gateway)
+  (cd "$root" && cargo build --locked --bin ndes-gateway --features dev)
 fi
 [[ -x $gateway_bin ]] || { echo "no gateway binary at $gateway_bin" >&2; exit 1; }
 echo "gateway: $gateway_bin"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_packages slowhttptest:slowhttptest scep:scepserver scep:scepclient
 bin=${NDES_GATEWAY_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/ndes-gateway}
-[[ -x $bin ]] || cargo build --quiet -p ndes-gateway
+[[ -n ${NDES_GATEWAY_BIN:-} ]] || cargo build --quiet --locked -p ndes-gateway --features dev
 work=$(mktemp -d)
 demo=
 cleanup() { [[ -n $demo ]] && kill "$demo" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_packages testssl.sh:testssl openssl:openssl
 bin=${NDES_GATEWAY_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/ndes-gateway}
-[[ -x $bin ]] || cargo build --quiet -p ndes-gateway
+[[ -n ${NDES_GATEWAY_BIN:-} ]] || cargo build --quiet --locked -p ndes-gateway --features dev
 work=$(mktemp -d)
 pid=
 cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null; rm -rf "$work"; }

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_rust
 need_packages scep:scepserver scep:scepclient gcc:cc
-exec cargo run --release --locked --quiet -p ndes-gateway -- demo "$@"
+exec cargo run --release --locked --quiet -p ndes-gateway --features dev -- demo "$@"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_packages scep:scepserver scep:scepclient wrk:wrk
 seconds=${SOAK_SECONDS:-600}
-cargo build --release --quiet -p ndes-gateway
+cargo build --release --quiet -p ndes-gateway --features dev
 bin=${CARGO_TARGET_DIR:-$PWD/target}/release/ndes-gateway
 work=$(mktemp -d)
 pids=()

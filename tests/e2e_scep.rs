@@ -88,7 +88,7 @@ async fn scepclient_enrols_through_the_gateway() {
     )
     .await
     .unwrap();
-    let (subject, issuer, _) = demo::describe_certificate(&cert).unwrap();
+    let (subject, issuer, _) = ndes_gateway::tls::describe_certificate(&cert).unwrap();
     assert!(subject.contains("CN=e2e-device"), "{subject}");
     assert!(issuer.contains("SCEP CA"), "{issuer}");
     assert_eq!(chain.issued("e2e-device").len(), 1);

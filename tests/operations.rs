@@ -142,7 +142,7 @@ async fn ndes_closing_each_connection_after_its_answer_costs_no_enrolment() {
         let cert = demo::enrol(&dir.path().join(&cn), &url, pki.root(), &cn)
             .await
             .unwrap_or_else(|e| panic!("enrolment {i} failed: {e}"));
-        let (subject, _, _) = demo::describe_certificate(&cert).unwrap();
+        let (subject, _, _) = ndes_gateway::tls::describe_certificate(&cert).unwrap();
         assert!(subject.contains(&format!("CN={cn}")), "{subject}");
     }
     let scrape = gateway.metrics.render();

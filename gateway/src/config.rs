@@ -529,7 +529,7 @@ impl Config {
                 );
             }
         }
-        crate::pipeline::client_addr::TrustedProxies::parse(&self.listen.trusted_proxies)?;
+        trusted_proxy_nets(&self.listen.trusted_proxies)?;
         if l.max_header_count == 0 || l.max_header_count > 10_000 {
             return bad(
                 "limits.max_header_count",
@@ -543,7 +543,9 @@ impl Config {
                 format!("{m} is out of range: 1024 to 67108864"),
             );
         }
-        crate::pipeline::proxy::ForwardHeaders::parse(&self.upstream.forward_headers)?;
+        for name in &self.upstream.forward_headers {
+            forward_header_name(name)?;
+        }
         // Far above what one process can serve, and far below what a semaphore can count.
         if !(1..=1_000_000).contains(&self.upstream.max_in_flight) {
             return bad(
@@ -571,6 +573,61 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Names `upstream.forward_headers` may not add: the gateway's own (it sets them), the hop-by-hop
+/// set, and those known to make IIS do something else than answer SCEP: `Range` (MS15-034,
+/// CVE-2015-1635, remote code execution in http.sys), `X-Original-URL` and `X-Rewrite-URL` (IIS
+/// URL Rewrite may route on them, to /certsrv/mscep_admin/ for one).
+pub const NEVER_FORWARDED: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "forwarded",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "range",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// A name `upstream.forward_headers` may add: a valid header name, none of [`NEVER_FORWARDED`].
+pub fn forward_header_name(name: &str) -> Result<http::HeaderName, ConfigError> {
+    let parsed = http::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+        ConfigError(format!(
+            "upstream.forward_headers: {name:?} is not a header name"
+        ))
+    })?;
+    if NEVER_FORWARDED.contains(&parsed.as_str()) {
+        return Err(ConfigError(format!(
+            "upstream.forward_headers: {name:?} is never forwarded: the gateway sets it, it belongs to one hop, or it makes IIS do something else than answer SCEP"
+        )));
+    }
+    Ok(parsed)
+}
+
+/// `listen.trusted_proxies` as networks: CIDRs, or single addresses.
+pub fn trusted_proxy_nets(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    cidrs
+        .iter()
+        .map(|c| {
+            c.parse::<ipnet::IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError(format!(
+                        "listen.trusted_proxies: {c:?} is not a CIDR (e.g. 10.0.0.0/8)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@
 //! - [`scep`]: reading SCEP messages and CA certificate sets.
 //! - [`ops`]: the admin listener, readiness, the certificate watch, reload, logging.
 //! - [`cli`]: `doctor` and the certificate helpers.
-//! - [`dev`]: the development PKI and the local demo.
+//! - `dev`: the development PKI and the local demo, with the `dev` feature only (the tests and
+//!   `scripts/demo.sh` turn it on; a production build carries neither).
 //!
 //! Shared by all: [`config`] (the settings), [`metrics`] (the counters) and [`tls`] (the crypto
 //! provider, PEM loading and the listener's certificate). This module assembles a running
@@ -18,6 +19,7 @@
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod edge;
 pub mod metrics;
@@ -152,6 +154,13 @@ impl Gateway {
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let metrics = Arc::new(Metrics::new());
+        metrics.start_at_zero(
+            pipeline::filter::RejectReason::ALL
+                .iter()
+                .map(|r| r.label()),
+            upstream::UpstreamErrorKind::ALL.iter().map(|k| k.label()),
+            [upstream::RETRY_UNSENT, upstream::RETRY_NO_ANSWER],
+        );
         let readiness = Arc::new(Readiness::default());
         let upstream = Arc::new(
             Upstream::new(prepared.target, &config.upstream)

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use ndes_gateway::config::Config;
 use ndes_gateway::pipeline::proxy::ForwardHeaders;
-use ndes_gateway::{dev::demo, ops::logging, prepare, Gateway, Prepared};
+use ndes_gateway::{ops::logging, prepare, Gateway, Prepared};
 
 /// Publishes a Microsoft NDES (SCEP) server to the internet: TLS for the public name, IIS-equivalent
 /// request filtering at the edge, and a pinned TLS connection to the internal NDES.
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
                 level: "warn,ndes_gateway::access=info".to_owned(),
                 ..Default::default()
             });
-            runtime.block_on(demo::run(demo::DemoOptions { dir, listen, once }))
+            runtime.block_on(demo(dir, listen, once))
         }
     };
     match result {
@@ -197,15 +197,39 @@ async fn certs(command: CertsCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        CertsCommand::Dev { out } => {
-            let pki = ndes_gateway::dev::devpki::generate(&out)?;
-            println!(
-                "dev PKI in {} (root.pem, ndes.pem/.key, gateway.pem/.key)",
-                pki.dir.display()
-            );
-            Ok(())
-        }
+        CertsCommand::Dev { out } => dev_pki(&out),
     }
+}
+
+#[cfg(feature = "dev")]
+async fn demo(dir: Option<PathBuf>, listen: SocketAddr, once: bool) -> Result<(), String> {
+    use ndes_gateway::dev::demo;
+    demo::run(demo::DemoOptions { dir, listen, once }).await
+}
+
+#[cfg(feature = "dev")]
+fn dev_pki(out: &std::path::Path) -> Result<(), String> {
+    let pki = ndes_gateway::dev::devpki::generate(out)?;
+    println!(
+        "dev PKI in {} (root.pem, ndes.pem/.key, gateway.pem/.key)",
+        pki.dir.display()
+    );
+    Ok(())
+}
+
+/// A production build carries no demo and no development PKI: they are for trying the gateway
+/// and for its tests, and a key from them must never end up in front of a real NDES.
+#[cfg(not(feature = "dev"))]
+const NO_DEV: &str = "this build has no demo and no development PKI (built without the `dev` feature): run `bash scripts/demo.sh` from the source, or build with `cargo build --features dev`";
+
+#[cfg(not(feature = "dev"))]
+async fn demo(_: Option<PathBuf>, _: SocketAddr, _: bool) -> Result<(), String> {
+    Err(NO_DEV.to_owned())
+}
+
+#[cfg(not(feature = "dev"))]
+fn dev_pki(_: &std::path::Path) -> Result<(), String> {
+    Err(NO_DEV.to_owned())
 }
 
 /// Writes a new file, never over an existing one (a key overwritten is a key lost).
@@ -302,7 +326,7 @@ fn effective_settings(prepared: &Prepared) -> Result<String, String> {
 fn notes(prepared: &Prepared) -> Result<Vec<(&'static str, &'static str, String)>, String> {
     let c = &prepared.config;
     let target = &prepared.target;
-    let (subject, _, not_after) = demo::describe_certificate(&c.listen.cert)?;
+    let (subject, _, not_after) = ndes_gateway::tls::describe_certificate(&c.listen.cert)?;
     let mut notes = vec![
         (
             "listen",

@@ -6,9 +6,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::pipeline::filter::RejectReason;
-use crate::upstream::UpstreamErrorKind;
-
 /// From a cached GetCACaps (milliseconds) to a PKIOperation that waited on Intune's challenge
 /// check and the CA (tens of seconds) up to the 120 s response timeout.
 const DURATION_BUCKETS: &[f64] = &[
@@ -188,12 +185,6 @@ impl Metrics {
         registry.register(Box::new(reloads_total.clone()))?;
         registry.register(Box::new(upstream_retries_total.clone()))?;
         registry.register(Box::new(connections_aborted_total.clone()))?;
-        for reason in [
-            crate::upstream::RETRY_UNSENT,
-            crate::upstream::RETRY_NO_ANSWER,
-        ] {
-            upstream_retries_total.with_label_values(&[reason]);
-        }
         for target in ["config", "listener", "upstream_trust"] {
             for result in ["ok", "error"] {
                 reloads_total.with_label_values(&[target, result]);
@@ -205,14 +196,8 @@ impl Metrics {
 
         // Every reason and kind exists from the start at 0, so an alert on a rate sees its first
         // increase rather than a series appearing.
-        for reason in RejectReason::ALL {
-            rejected_total.with_label_values(&[reason.label()]);
-        }
         for reason in [REASON_RATE_LIMITED, REASON_MALFORMED, REASON_HEADER_TIMEOUT] {
             rejected_total.with_label_values(&[reason]);
-        }
-        for kind in UpstreamErrorKind::ALL {
-            upstream_errors_total.with_label_values(&[kind.label()]);
         }
         for reason in [
             "max_connections",
@@ -242,6 +227,26 @@ impl Metrics {
             upstream_retries_total,
             connections_aborted_total,
         })
+    }
+
+    /// Makes each label the stages can give exist at 0 from the start, so an alert on a rate sees
+    /// its first increase rather than a series appearing. The stages that decide the labels name
+    /// them; this module knows none of them.
+    pub fn start_at_zero<'a>(
+        &self,
+        rejected: impl IntoIterator<Item = &'a str>,
+        upstream_errors: impl IntoIterator<Item = &'a str>,
+        retries: impl IntoIterator<Item = &'a str>,
+    ) {
+        for reason in rejected {
+            self.rejected_total.with_label_values(&[reason]);
+        }
+        for kind in upstream_errors {
+            self.upstream_errors_total.with_label_values(&[kind]);
+        }
+        for reason in retries {
+            self.upstream_retries_total.with_label_values(&[reason]);
+        }
     }
 
     pub fn reject(&self, reason: &str) {

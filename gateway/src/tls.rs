@@ -116,3 +116,21 @@ pub fn server_config(
     };
     Ok(Arc::new(config))
 }
+
+/// Subject, issuer and expiry of the first certificate in a PEM file, for people to read.
+pub fn describe_certificate(
+    pem_path: &std::path::Path,
+) -> Result<(String, String, String), String> {
+    use der::Decode;
+    let der: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_file(pem_path)
+            .map_err(|e| format!("{}: {e}", pem_path.display()))?;
+    let cert = x509_cert::Certificate::from_der(&der)
+        .map_err(|e| format!("{}: {e}", pem_path.display()))?;
+    let tbs = &cert.tbs_certificate;
+    Ok((
+        tbs.subject.to_string(),
+        tbs.issuer.to_string(),
+        tbs.validity.not_after.to_string(),
+    ))
+}

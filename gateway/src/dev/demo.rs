@@ -100,6 +100,12 @@ impl ScepServer {
     }
 }
 
+impl Drop for ScepServer {
+    fn drop(&mut self) {
+        end_now(&mut self.child);
+    }
+}
+
 pub async fn wait_for_port(addr: SocketAddr, within: Duration) -> Result<(), ()> {
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
@@ -195,6 +201,27 @@ impl NdesStandIn {
     }
 }
 
+impl Drop for NdesStandIn {
+    fn drop(&mut self) {
+        end_now(&mut self.child);
+    }
+}
+
+/// Kills a child and waits (a second at most) until it is gone: dropped on the way out of a demo
+/// stopped while starting, it must not outlive the demo's own exit, which follows at once.
+fn end_now(child: &mut Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    let _ = child.start_kill();
+    for _ in 0..100 {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The public gateway's config, as an operator would write it for a real NDES.
 pub fn public_config_text(
     pki: &DevPki,
@@ -256,22 +283,6 @@ pub async fn enrol(dir: &Path, url: &str, root: &Path, cn: &str) -> Result<PathB
         ));
     }
     Ok(cert)
-}
-
-/// Subject, issuer and expiry of the first certificate in a PEM file, for people to read.
-pub fn describe_certificate(pem_path: &Path) -> Result<(String, String, String), String> {
-    use der::Decode;
-    let der: rustls_pki_types::CertificateDer<'static> =
-        rustls_pki_types::pem::PemObject::from_pem_file(pem_path)
-            .map_err(|e| format!("{}: {e}", pem_path.display()))?;
-    let cert = x509_cert::Certificate::from_der(&der)
-        .map_err(|e| format!("{}: {e}", pem_path.display()))?;
-    let tbs = &cert.tbs_certificate;
-    Ok((
-        tbs.subject.to_string(),
-        tbs.issuer.to_string(),
-        tbs.validity.not_after.to_string(),
-    ))
 }
 
 pub struct DemoOptions {
@@ -372,7 +383,7 @@ async fn start_and_enrol(opts: DemoOptions) -> Result<Running, String> {
     let result = enrol(&dir.join("client"), &url, &pki.root, "demo-device").await;
     let outcome = match result {
         Ok(cert) => {
-            let (subject, issuer, not_after) = describe_certificate(&cert)?;
+            let (subject, issuer, not_after) = crate::tls::describe_certificate(&cert)?;
             println!("enrolled: certificate {}", cert.display());
             println!("  subject:   {subject}");
             println!("  issuer:    {issuer}");

@@ -174,19 +174,7 @@ pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
     pub fn parse(cidrs: &[String]) -> Result<TrustedProxies, ConfigError> {
-        cidrs
-            .iter()
-            .map(|c| {
-                c.parse::<IpNet>()
-                    .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        ConfigError(format!(
-                            "listen.trusted_proxies: {c:?} is not a CIDR (e.g. 10.0.0.0/8)"
-                        ))
-                    })
-            })
-            .collect::<Result<_, _>>()
-            .map(TrustedProxies)
+        crate::config::trusted_proxy_nets(cidrs).map(TrustedProxies)
     }
 
     pub fn is_empty(&self) -> bool {

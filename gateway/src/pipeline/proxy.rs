@@ -39,30 +39,6 @@ static X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
 static X_ASPNET_VERSION: HeaderName = HeaderName::from_static("x-aspnet-version");
 static X_ASPNETMVC_VERSION: HeaderName = HeaderName::from_static("x-aspnetmvc-version");
 
-/// Names `upstream.forward_headers` may not add: the gateway's own (it sets them), the hop-by-hop
-/// set, and those known to make IIS do something else than answer SCEP: `Range` (MS15-034,
-/// CVE-2015-1635, remote code execution in http.sys), `X-Original-URL` and `X-Rewrite-URL` (IIS
-/// URL Rewrite may route on them, to /certsrv/mscep_admin/ for one).
-const NEVER_FORWARDED: &[&str] = &[
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "forwarded",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "range",
-    "x-original-url",
-    "x-rewrite-url",
-];
-
 /// The request headers that reach NDES: an allowlist, not a denylist, so a header nobody thought
 /// of never reaches IIS. Fixed: `Content-Type`, `User-Agent`, `Accept`; the gateway's own `Host`,
 /// `Content-Length`, `X-Forwarded-For` and `X-Forwarded-Proto`; plus `upstream.forward_headers`.
@@ -78,16 +54,7 @@ impl ForwardHeaders {
     pub fn parse(names: &[String]) -> Result<ForwardHeaders, ConfigError> {
         let mut extra = Vec::with_capacity(names.len());
         for name in names {
-            let parsed = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
-                ConfigError(format!(
-                    "upstream.forward_headers: {name:?} is not a header name"
-                ))
-            })?;
-            if NEVER_FORWARDED.contains(&parsed.as_str()) {
-                return Err(ConfigError(format!(
-                    "upstream.forward_headers: {name:?} is never forwarded: the gateway sets it, it belongs to one hop, or it makes IIS do something else than answer SCEP"
-                )));
-            }
+            let parsed = crate::config::forward_header_name(name)?;
             if !Self::FIXED.contains(&parsed) && !extra.contains(&parsed) {
                 extra.push(parsed);
             }

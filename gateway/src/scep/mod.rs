@@ -9,10 +9,9 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use cms::cert::CertificateChoices;
-use cms::content_info::ContentInfo;
 use cms::signed_data::SignedData;
 use der::asn1::{AnyRef, ObjectIdentifier, OctetStringRef, PrintableStringRef};
-use der::{Decode, Encode, Reader, SliceReader, Tag, TagNumber, Tagged};
+use der::{Decode, Reader, SliceReader, Tag, TagNumber, Tagged};
 use x509_cert::Certificate;
 
 /// Larger than any SCEP message (a PKCSReq is 2.5 to 4 KB, a CertRep with a chain a few KB): a
@@ -747,11 +746,13 @@ pub fn not_after_unix(cert: &Certificate) -> u64 {
 }
 
 /// The DER of a degenerate certs-only SignedData holding `certs`: what NDES sends for GetCACert
-/// when it has RA certificates. Tests and the stand-ins use it.
+/// when it has RA certificates. Tests and the stand-ins use it; a production build has no use for it.
+#[cfg(any(test, feature = "dev"))]
 pub fn degenerate_pkcs7(certs: &[Certificate]) -> Result<Vec<u8>, der::Error> {
-    use cms::content_info::CmsVersion;
+    use cms::content_info::{CmsVersion, ContentInfo};
     use cms::signed_data::{CertificateSet, EncapsulatedContentInfo, SignerInfos};
     use der::asn1::SetOfVec;
+    use der::Encode;
     const ID_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.1");
     let mut set = SetOfVec::new();
     for c in certs {
@@ -778,6 +779,7 @@ pub fn degenerate_pkcs7(certs: &[Certificate]) -> Result<Vec<u8>, der::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use der::Encode;
 
     #[test]
     fn get_messages_in_every_spelling_decode_alike() {
@@ -837,12 +839,9 @@ mod tests {
 
     #[test]
     fn ber_as_ios_sends_it_reads_like_der() {
-        let ca = crate::dev::devpki::DevCa::new("BER test CA").unwrap();
-        use rustls_pki_types::pem::PemObject;
         let cert = |name: &str| {
-            let (pem, _) = ca.issue_server(&[name]).unwrap();
-            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-            Certificate::from_der(&der).unwrap()
+            let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+            Certificate::from_der(made.cert.der()).unwrap()
         };
         let pkcs7 = degenerate_pkcs7(&[cert("a.corp.test"), cert("b.corp.test")]).unwrap();
         let (ber, used) = der_to_ber(&pkcs7);
@@ -904,11 +903,9 @@ mod tests {
         use x509_cert::spki::AlgorithmIdentifierOwned;
         static SIGNER: std::sync::OnceLock<Certificate> = std::sync::OnceLock::new();
         let cert = SIGNER.get_or_init(|| {
-            use rustls_pki_types::pem::PemObject;
-            let ca = crate::dev::devpki::DevCa::new("pkiMessage test CA").unwrap();
-            let (pem, _) = ca.issue_server(&["device.corp.test"]).unwrap();
-            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-            Certificate::from_der(&der).unwrap()
+            let made =
+                rcgen::generate_simple_self_signed(vec!["device.corp.test".to_owned()]).unwrap();
+            Certificate::from_der(made.cert.der()).unwrap()
         });
         let alg = |oid: &str| AlgorithmIdentifierOwned {
             oid: ObjectIdentifier::new_unwrap(oid),
@@ -952,7 +949,7 @@ mod tests {
             crls: None,
             signer_infos: SignerInfos(SetOfVec::try_from(vec![signer]).unwrap()),
         };
-        ContentInfo {
+        cms::content_info::ContentInfo {
             content_type: ID_SIGNED_DATA,
             content: Any::encode_from(&signed).unwrap(),
         }
