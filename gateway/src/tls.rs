@@ -1,6 +1,7 @@
-//! The public TLS edge: the certificate for the public name, TLS 1.2 and 1.3 only, HTTP/2 and
-//! HTTP/1.1 by ALPN, and no client certificate requested (macOS offers the certificate it is
-//! renewing, and a server that asks for one breaks renewals).
+//! TLS shared by the stages: the crypto provider, PEM loading, and the public listener's
+//! certificate and settings: TLS 1.2 and 1.3 only, HTTP/2 and HTTP/1.1 by ALPN, and no client
+//! certificate requested (macOS offers the certificate it is renewing, and a server that asks for
+//! one breaks renewals).
 
 use std::path::Path;
 use std::sync::Arc;
