@@ -579,9 +579,18 @@ impl ClosingNdes {
                         b.write_all(&request).await.ok()?;
                         let mut answer = Vec::new();
                         b.read_to_end(&mut answer).await.ok()?;
-                        tls.write_all(&without_connection_close(&answer))
-                            .await
-                            .ok()?;
+                        let answer = without_connection_close(&answer);
+                        if linger.is_zero() {
+                            // The answer and the close_notify in one write, as a server that
+                            // closes with its answer sends them: the close never trails behind
+                            // on a busy machine.
+                            use std::io::Write;
+                            let session = tls.get_mut().1;
+                            session.writer().write_all(&answer).ok()?;
+                            session.send_close_notify();
+                        } else {
+                            tls.write_all(&answer).await.ok()?;
+                        }
                         tls.flush().await.ok()
                     };
                     if tokio::time::timeout(IO_TIMEOUT, exchange).await.is_err() {
