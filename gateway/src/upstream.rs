@@ -3,6 +3,7 @@
 //! keep-alive, HTTP/1.1 (what IIS speaks to a proxy).
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tower::{Service, ServiceExt};
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::tls::{load_certificates, provider};
@@ -435,7 +437,12 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-/// Dials NDES for the pool: TCP with a timeout, then TLS with the configured name as SNI.
+/// A future the services below return: theirs are async blocks, which have no name to give.
+type Boxed<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// Dials NDES for the pool: TCP with a timeout, then TLS with the configured name as SNI. A
+/// service of `()`: there is one NDES, so a call needs no target, and each is a new connection.
+#[derive(Clone)]
 struct UpstreamConnector {
     tls: Option<TlsConnector>,
     server_name: ServerName<'static>,
@@ -495,6 +502,21 @@ impl UpstreamConnector {
             Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
             Ok(Err(e)) => Err(classify_tls_error(&e)),
         }
+    }
+}
+
+impl Service<()> for UpstreamConnector {
+    type Response = UpstreamStream;
+    type Error = UpstreamError;
+    type Future = Boxed<UpstreamStream, UpstreamError>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        let connector = self.clone();
+        Box::pin(async move { connector.connect().await })
     }
 }
 
@@ -568,7 +590,7 @@ impl Pool {
 
     /// A new connection, never one from the stack.
     async fn connect(&self) -> Result<Conn, UpstreamError> {
-        let stream = self.connector.connect().await?;
+        let stream = self.connector.clone().oneshot(()).await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
