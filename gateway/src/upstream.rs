@@ -1207,3 +1207,82 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     message
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: &'static [u8]) -> http::Request<Full<Bytes>> {
+        let mut req = http::Request::new(Full::new(Bytes::from_static(body)));
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("ndes"));
+        req
+    }
+
+    fn failed(again: Option<(http::Request<Full<Bytes>>, &'static str)>) -> Failed {
+        Failed {
+            error: protocol("connection closed".to_owned()),
+            again,
+        }
+    }
+
+    /// A request as an attempt hands it back: marked with the pool it goes again on.
+    fn handed_back(body: &'static [u8]) -> http::Request<Full<Bytes>> {
+        let c = UpstreamConfig {
+            url: "http://127.0.0.1:9/scep".to_owned(),
+            ..UpstreamConfig::default()
+        };
+        let pool = Upstream::pool(&UpstreamTarget::from_config(&c).unwrap(), &c);
+        let mut req = request(body);
+        req.extensions_mut().insert(SentAgain(pool));
+        req
+    }
+
+    fn counter() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("retries", "retries"), &["reason"])
+            .unwrap()
+    }
+
+    #[test]
+    fn the_place_kept_for_a_resend_holds_nothing_of_the_request() {
+        let mut resend = Resend { retried: None };
+        let place = resend.clone_request(&request(b"pkcsreq")).unwrap();
+        assert!(place.headers().is_empty());
+        assert_eq!(hyper::body::Body::size_hint(place.body()).exact(), Some(0));
+    }
+
+    #[test]
+    fn a_request_handed_back_is_sent_again_once_and_counted() {
+        let retried = counter();
+        let mut resend = Resend {
+            retried: Some(retried.clone()),
+        };
+        let mut place = resend.clone_request(&request(b"")).unwrap();
+        let mut result = Err(failed(Some((handed_back(b"pkcsreq"), RETRY_UNSENT))));
+        assert!(resend.retry(&mut place, &mut result).is_some());
+        assert_eq!(place.headers()[http::header::HOST], "ndes");
+        assert!(place.extensions().get::<SentAgain>().is_some());
+        assert_eq!(retried.with_label_values(&[RETRY_UNSENT]).get(), 1);
+        // The request sent again gets no place of its own: no third time.
+        assert!(resend.clone_request(&place).is_none());
+    }
+
+    #[test]
+    fn an_answer_or_an_error_with_nothing_handed_back_ends_the_exchange() {
+        let retried = counter();
+        let mut resend = Resend {
+            retried: Some(retried.clone()),
+        };
+        let mut place = resend.clone_request(&request(b"")).unwrap();
+        let mut answered = Ok(Answer {
+            status: 200,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+        });
+        assert!(resend.retry(&mut place, &mut answered).is_none());
+        let mut written = Err(failed(None));
+        assert!(resend.retry(&mut place, &mut written).is_none());
+        assert_eq!(retried.with_label_values(&[RETRY_UNSENT]).get(), 0);
+        assert_eq!(retried.with_label_values(&[RETRY_NO_ANSWER]).get(), 0);
+    }
+}
