@@ -3,6 +3,7 @@
 //! keep-alive, HTTP/1.1 (what IIS speaks to a proxy).
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -30,6 +31,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tower::limit::{ConcurrencyLimit, GlobalConcurrencyLimitLayer};
+use tower::retry::{Policy, Retry};
+use tower::timeout::error::Elapsed;
+use tower::timeout::Timeout;
+use tower::util::MapErr;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::tls::{load_certificates, provider};
@@ -435,7 +442,12 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-/// Dials NDES for the pool: TCP with a timeout, then TLS with the configured name as SNI.
+/// A future the services below return: theirs are async blocks, which have no name to give.
+type Boxed<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// Dials NDES for the pool: TCP with a timeout, then TLS with the configured name as SNI. A
+/// service of `()`: there is one NDES, so a call needs no target, and each is a new connection.
+#[derive(Clone)]
 struct UpstreamConnector {
     tls: Option<TlsConnector>,
     server_name: ServerName<'static>,
@@ -495,6 +507,21 @@ impl UpstreamConnector {
             Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
             Ok(Err(e)) => Err(classify_tls_error(&e)),
         }
+    }
+}
+
+impl Service<()> for UpstreamConnector {
+    type Response = UpstreamStream;
+    type Error = UpstreamError;
+    type Future = Boxed<UpstreamStream, UpstreamError>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        let connector = self.clone();
+        Box::pin(async move { connector.connect().await })
     }
 }
 
@@ -568,7 +595,7 @@ impl Pool {
 
     /// A new connection, never one from the stack.
     async fn connect(&self) -> Result<Conn, UpstreamError> {
-        let stream = self.connector.connect().await?;
+        let stream = self.connector.clone().oneshot(()).await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -647,9 +674,9 @@ pub struct Upstream {
     pub target: UpstreamTarget,
     /// Replaced whole when the trust settings are reloaded, so no pooled connection made under
     /// the old CA or pins is used again; requests already sent finish on the old one.
-    pool: std::sync::RwLock<Arc<Pool>>,
+    pool: PoolCell,
+    stacks: Stacks,
     config: UpstreamConfig,
-    response_timeout: Duration,
     /// Requests to NDES at once, each held from the wait for a connection to the last byte of
     /// the answer: bounds the connections opened to NDES and the answers held meanwhile, whatever
     /// the number of clients and HTTP/2 streams and however slowly they read.
@@ -658,9 +685,8 @@ pub struct Upstream {
     /// The gateway's own requests (readiness probe, certificate watch) have slots of their own:
     /// a replica whose `max_in_flight` PKIOperations all wait on Intune still answers its probe,
     /// and so stays ready.
-    own_checks: tokio::sync::Semaphore,
+    own_checks: Arc<tokio::sync::Semaphore>,
     queue_timeout: Duration,
-    max_response_bytes: usize,
     /// Counts requests sent again on a new connection, by reason.
     retried: Option<prometheus::IntCounterVec>,
 }
@@ -711,19 +737,72 @@ fn check_answer_framing(headers: &http::HeaderMap) -> Result<(), UpstreamError> 
     Ok(())
 }
 
+/// A whole exchange with NDES: sent once more on a new connection when the attempt hands the
+/// request back (see `Resend`), its error the gateway's.
+type Exchange = MapErr<Retry<Resend, Attempt>, fn(Failed) -> UpstreamError>;
+
+/// The exchange within the response timeout, behind a limit of requests at once. Cloned per
+/// request: a clone shares the semaphore and holds a slot of its own once ready.
+type Limited = ConcurrencyLimit<Timeout<Exchange>>;
+
+/// The pool in force, read by each exchange as it starts.
+type PoolCell = Arc<std::sync::RwLock<Arc<Pool>>>;
+
+/// The services, one per kind of request; each attempt reads the pool in force.
+struct Stacks {
+    /// GetCACaps and GetCACert, which may go twice.
+    idempotent: Limited,
+    /// PKIOperation, and anything else not idempotent: never written twice.
+    once: Limited,
+    /// The gateway's own GETs, in slots of their own.
+    own_checks: Limited,
+}
+
+impl Stacks {
+    fn new(
+        pool: &PoolCell,
+        c: &UpstreamConfig,
+        retried: Option<&prometheus::IntCounterVec>,
+        in_flight: &Arc<tokio::sync::Semaphore>,
+        own_checks: &Arc<tokio::sync::Semaphore>,
+    ) -> Stacks {
+        let stack = |slots: &Arc<tokio::sync::Semaphore>, idempotent: bool| {
+            ServiceBuilder::new()
+                .layer(GlobalConcurrencyLimitLayer::with_semaphore(slots.clone()))
+                .timeout(c.response_timeout)
+                .map_err((|f: Failed| f.error) as fn(Failed) -> UpstreamError)
+                .retry(Resend {
+                    retried: retried.cloned(),
+                })
+                .service(Attempt {
+                    pool: pool.clone(),
+                    max_response_bytes: c.max_response_bytes,
+                    idempotent,
+                })
+        };
+        Stacks {
+            idempotent: stack(in_flight, true),
+            once: stack(in_flight, false),
+            own_checks: stack(own_checks, true),
+        }
+    }
+}
+
 impl Upstream {
     pub fn new(target: UpstreamTarget, c: &UpstreamConfig) -> Upstream {
-        let pool = Self::pool(&target, c);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(c.max_in_flight));
+        let own_checks = Arc::new(tokio::sync::Semaphore::new(OWN_CHECK_SLOTS));
+        let pool = PoolCell::new(std::sync::RwLock::new(Self::pool(&target, c)));
+        let stacks = Stacks::new(&pool, c, None, &in_flight, &own_checks);
         Upstream {
             target,
-            pool: std::sync::RwLock::new(pool),
+            pool,
+            stacks,
             config: c.clone(),
-            response_timeout: c.response_timeout,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight)),
+            in_flight,
             max_in_flight: c.max_in_flight,
-            own_checks: tokio::sync::Semaphore::new(OWN_CHECK_SLOTS),
+            own_checks,
             queue_timeout: c.connect_timeout,
-            max_response_bytes: c.max_response_bytes,
             retried: None,
         }
     }
@@ -731,6 +810,13 @@ impl Upstream {
     /// Counts the requests sent again on a new connection in `counter`, by reason.
     pub fn counting_retries(mut self, counter: prometheus::IntCounterVec) -> Upstream {
         self.retried = Some(counter);
+        self.stacks = Stacks::new(
+            &self.pool,
+            &self.config,
+            self.retried.as_ref(),
+            &self.in_flight,
+            &self.own_checks,
+        );
         self
     }
 
@@ -790,16 +876,10 @@ impl Upstream {
         *req.uri_mut() = uri;
         req.headers_mut()
             .insert(http::header::HOST, self.target.host_header.clone());
-        let Ok(slot) = tokio::time::timeout(self.queue_timeout, self.own_checks.acquire()).await
-        else {
-            return Err(UpstreamError {
-                kind: UpstreamErrorKind::Busy,
-                message: "the gateway's own checks of NDES are still waiting on it".to_owned(),
-            });
-        };
-        let answer = self.exchange(req, true).await;
-        drop(slot);
-        answer
+        self.exchange(self.stacks.own_checks.clone(), req, || {
+            "the gateway's own checks of NDES are still waiting on it".to_owned()
+        })
+        .await
     }
 
     /// The same, refused past `limit` bytes of body.
@@ -829,108 +909,217 @@ impl Upstream {
         req: http::Request<Full<Bytes>>,
         idempotent: bool,
     ) -> Result<Answer, UpstreamError> {
-        let _slot = match tokio::time::timeout(self.queue_timeout, self.in_flight.acquire()).await {
-            Ok(Ok(slot)) => slot,
-            _ => {
-                return Err(UpstreamError {
-                    kind: UpstreamErrorKind::Busy,
-                    message: format!(
-                        "{} requests already wait on NDES (upstream.max_in_flight)",
-                        self.max_in_flight
-                    ),
-                })
-            }
+        let exchange = if idempotent {
+            self.stacks.idempotent.clone()
+        } else {
+            self.stacks.once.clone()
         };
-        self.exchange(req, idempotent).await
+        self.exchange(exchange, req, || {
+            format!(
+                "{} requests already wait on NDES (upstream.max_in_flight)",
+                self.max_in_flight
+            )
+        })
+        .await
     }
 
-    /// One request and its whole answer, within the response timeout. IIS closes keep-alive
-    /// connections on its own (its `connectionTimeout`, a restart), and a pooled connection may
-    /// close in the very instant a request is handed to it. Such a request is sent once more, on
-    /// a new connection, when none of it was written (whatever its operation), or when it is
-    /// idempotent and the connection closed before any byte of an answer. A PKIOperation that
-    /// was written is never sent twice: a resent PKCSReq can burn a one-time challenge or hit
-    /// "DN already exists".
+    /// `req` through `exchange` once it has a slot. The limit's own wait has no end, so the
+    /// queue's is bounded here: past `upstream.connect_timeout` the request is refused as busy
+    /// (`busy` says why), never sent.
     async fn exchange(
         &self,
+        mut exchange: Limited,
         req: http::Request<Full<Bytes>>,
-        idempotent: bool,
+        busy: impl FnOnce() -> String,
     ) -> Result<Answer, UpstreamError> {
-        let pool = self.pool.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let exchange = async {
-            let (mut conn, reused) = pool.checkout().await?;
-            // Only a reused connection can have closed under the request.
-            let copy = (idempotent && reused).then(|| copy_request(&req));
-            let resp = match conn.sender.try_send_request(req).await {
-                Ok(resp) => resp,
-                Err(mut e) => {
-                    let again = match e.take_message() {
-                        Some(unsent) => Some((unsent, RETRY_UNSENT)),
-                        None if closed_before_answer(e.error()) => {
-                            copy.map(|c| (c, RETRY_NO_ANSWER))
-                        }
-                        None => None,
-                    };
-                    let Some((again, reason)) = again else {
-                        return Err(protocol(error_chain(&e.into_error())));
-                    };
-                    tracing::debug!(
-                        target: "ndes_gateway::upstream",
-                        reason,
-                        error = %error_chain(e.error()),
-                        "connection to NDES closed under the request: sending it on a new one"
-                    );
-                    if let Some(counter) = &self.retried {
-                        counter.with_label_values(&[reason]).inc();
-                    }
-                    conn = pool.connect().await?;
-                    conn.sender
-                        .send_request(again)
-                        .await
-                        .map_err(|e| protocol(error_chain(&e)))?
-                }
-            };
-            let (parts, body) = resp.into_parts();
-            // A connection whose answer was framed two ways is dropped here, never reused.
-            check_answer_framing(&parts.headers)?;
-            let body = read_whole(body, self.max_response_bytes).await?;
-            if parts.version == http::Version::HTTP_11 {
-                // Bytes past the end its framing gave end the connection with an error before it
-                // asks for the next request: ready again means the answer ended where it said.
-                // Bytes that come later still close it before reuse, or reach the next request
-                // as an answer hyper refuses (a 502 there).
-                let ready = conn.sender.is_ready()
-                    || matches!(
-                        tokio::time::timeout(OVERRUN_CHECK, conn.sender.ready()).await,
-                        Ok(Ok(()))
-                    );
-                if ready {
-                    pool.put(conn);
-                } else if let Ok(Ok(true)) =
-                    tokio::time::timeout(OVERRUN_CHECK, &mut conn.ended).await
-                {
-                    return Err(protocol(
-                        "the answer is longer than its Content-Length or last chunk said"
-                            .to_owned(),
-                    ));
-                }
+        match tokio::time::timeout(self.queue_timeout, exchange.ready()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(self.unboxed(e)),
+            Err(_) => {
+                return Err(UpstreamError {
+                    kind: UpstreamErrorKind::Busy,
+                    message: busy(),
+                })
             }
-            Ok(Answer {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                body,
-            })
-        };
-        match tokio::time::timeout(self.response_timeout, exchange).await {
-            Err(_) => Err(UpstreamError {
+        }
+        exchange.call(req).await.map_err(|e| self.unboxed(e))
+    }
+
+    /// The timeout layer's error as the gateway's: the exchange's own, or the timeout's.
+    fn unboxed(&self, e: BoxError) -> UpstreamError {
+        match e.downcast::<UpstreamError>() {
+            Ok(e) => *e,
+            Err(e) if e.is::<Elapsed>() => UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
                 message: format!(
                     "no whole answer within upstream.response_timeout ({})",
-                    humantime::format_duration(self.response_timeout)
+                    humantime::format_duration(self.config.response_timeout)
                 ),
-            }),
-            Ok(result) => result,
+            },
+            Err(e) => protocol(error_chain(&*e)),
         }
+    }
+}
+
+/// One try at an exchange with NDES: a connection (from the pool, or a new one for a request
+/// sent again), the request, the whole answer read, and the connection back to the pool.
+///
+/// IIS closes keep-alive connections on its own (its `connectionTimeout`, a restart), and a
+/// pooled connection may close in the very instant a request is handed to it. Such a request is
+/// handed back in the error, to be sent once more on a new connection, when none of it was
+/// written (whatever its operation), or when it is idempotent and the connection closed before
+/// any byte of an answer. A PKIOperation that was written is never sent twice: a resent PKCSReq
+/// can burn a one-time challenge or hit "DN already exists".
+#[derive(Clone)]
+struct Attempt {
+    pool: PoolCell,
+    max_response_bytes: usize,
+    /// A copy is kept while the request is on a reused connection, to send if it closes unanswered.
+    idempotent: bool,
+}
+
+/// An attempt that failed, and the request to send again when the failure allows it, with the
+/// reason (a label of `upstream_retries_total`).
+struct Failed {
+    error: UpstreamError,
+    again: Option<(http::Request<Full<Bytes>>, &'static str)>,
+}
+
+impl From<UpstreamError> for Failed {
+    fn from(error: UpstreamError) -> Failed {
+        Failed { error, again: None }
+    }
+}
+
+/// Marks a request handed back to be sent again: it goes on a new connection of the pool its
+/// first attempt used (a reload meanwhile changes nothing for it), and never a third time.
+#[derive(Clone)]
+struct SentAgain(Arc<Pool>);
+
+impl Service<http::Request<Full<Bytes>>> for Attempt {
+    type Response = Answer;
+    type Error = Failed;
+    type Future = Boxed<Answer, Failed>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Failed>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Full<Bytes>>) -> Self::Future {
+        Box::pin(self.clone().run(req))
+    }
+}
+
+impl Attempt {
+    async fn run(self, req: http::Request<Full<Bytes>>) -> Result<Answer, Failed> {
+        let again_on = req.extensions().get::<SentAgain>().map(|a| a.0.clone());
+        let sent_again = again_on.is_some();
+        let (pool, (mut conn, reused)) = match again_on {
+            // A request sent again does not trust the pool's idle connections a second time.
+            Some(pool) => {
+                let conn = pool.connect().await?;
+                (pool, (conn, false))
+            }
+            None => {
+                let pool = self.pool.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let checked_out = pool.checkout().await?;
+                (pool, checked_out)
+            }
+        };
+        // Only a reused connection can have closed under the request.
+        let copy = (self.idempotent && reused).then(|| copy_request(&req));
+        let resp = match conn.sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => {
+                let again = match e.take_message() {
+                    Some(unsent) if !sent_again => Some((unsent, RETRY_UNSENT)),
+                    Some(_) => None,
+                    None if closed_before_answer(e.error()) => copy.map(|c| (c, RETRY_NO_ANSWER)),
+                    None => None,
+                }
+                .map(|(mut again, reason)| {
+                    again.extensions_mut().insert(SentAgain(pool.clone()));
+                    (again, reason)
+                });
+                return Err(Failed {
+                    error: protocol(error_chain(e.error())),
+                    again,
+                });
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        // A connection whose answer was framed two ways is dropped here, never reused.
+        check_answer_framing(&parts.headers)?;
+        let body = read_whole(body, self.max_response_bytes).await?;
+        if parts.version == http::Version::HTTP_11 {
+            // Bytes past the end its framing gave end the connection with an error before it
+            // asks for the next request: ready again means the answer ended where it said.
+            // Bytes that come later still close it before reuse, or reach the next request
+            // as an answer hyper refuses (a 502 there).
+            let ready = conn.sender.is_ready()
+                || matches!(
+                    tokio::time::timeout(OVERRUN_CHECK, conn.sender.ready()).await,
+                    Ok(Ok(()))
+                );
+            if ready {
+                pool.put(conn);
+            } else if let Ok(Ok(true)) = tokio::time::timeout(OVERRUN_CHECK, &mut conn.ended).await
+            {
+                return Err(protocol(
+                    "the answer is longer than its Content-Length or last chunk said".to_owned(),
+                )
+                .into());
+            }
+        }
+        Ok(Answer {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
+/// Sends a request once more, on a new connection, when its attempt handed it back. Nothing is
+/// copied for it here: tower's retry asks for a copy of every request before it is sent, but
+/// the request to send again is the one hyper returned unsent, or the idempotent copy the
+/// attempt keeps only while on a reused connection. The "copy" given is an empty request that
+/// holds the place until the error fills it.
+#[derive(Clone)]
+struct Resend {
+    retried: Option<prometheus::IntCounterVec>,
+}
+
+impl Policy<http::Request<Full<Bytes>>, Answer, Failed> for Resend {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        req: &mut http::Request<Full<Bytes>>,
+        result: &mut Result<Answer, Failed>,
+    ) -> Option<Self::Future> {
+        let failed = result.as_mut().err()?;
+        let (again, reason) = failed.again.take()?;
+        tracing::debug!(
+            target: "ndes_gateway::upstream",
+            reason,
+            error = %failed.error.message,
+            "connection to NDES closed under the request: sending it on a new one"
+        );
+        if let Some(counter) = &self.retried {
+            counter.with_label_values(&[reason]).inc();
+        }
+        *req = again;
+        Some(std::future::ready(()))
+    }
+
+    fn clone_request(
+        &mut self,
+        req: &http::Request<Full<Bytes>>,
+    ) -> Option<http::Request<Full<Bytes>>> {
+        req.extensions()
+            .get::<SentAgain>()
+            .is_none()
+            .then(|| http::Request::new(Full::new(Bytes::new())))
     }
 }
 
@@ -1017,4 +1206,83 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: &'static [u8]) -> http::Request<Full<Bytes>> {
+        let mut req = http::Request::new(Full::new(Bytes::from_static(body)));
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("ndes"));
+        req
+    }
+
+    fn failed(again: Option<(http::Request<Full<Bytes>>, &'static str)>) -> Failed {
+        Failed {
+            error: protocol("connection closed".to_owned()),
+            again,
+        }
+    }
+
+    /// A request as an attempt hands it back: marked with the pool it goes again on.
+    fn handed_back(body: &'static [u8]) -> http::Request<Full<Bytes>> {
+        let c = UpstreamConfig {
+            url: "http://127.0.0.1:9/scep".to_owned(),
+            ..UpstreamConfig::default()
+        };
+        let pool = Upstream::pool(&UpstreamTarget::from_config(&c).unwrap(), &c);
+        let mut req = request(body);
+        req.extensions_mut().insert(SentAgain(pool));
+        req
+    }
+
+    fn counter() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("retries", "retries"), &["reason"])
+            .unwrap()
+    }
+
+    #[test]
+    fn the_place_kept_for_a_resend_holds_nothing_of_the_request() {
+        let mut resend = Resend { retried: None };
+        let place = resend.clone_request(&request(b"pkcsreq")).unwrap();
+        assert!(place.headers().is_empty());
+        assert_eq!(hyper::body::Body::size_hint(place.body()).exact(), Some(0));
+    }
+
+    #[test]
+    fn a_request_handed_back_is_sent_again_once_and_counted() {
+        let retried = counter();
+        let mut resend = Resend {
+            retried: Some(retried.clone()),
+        };
+        let mut place = resend.clone_request(&request(b"")).unwrap();
+        let mut result = Err(failed(Some((handed_back(b"pkcsreq"), RETRY_UNSENT))));
+        assert!(resend.retry(&mut place, &mut result).is_some());
+        assert_eq!(place.headers()[http::header::HOST], "ndes");
+        assert!(place.extensions().get::<SentAgain>().is_some());
+        assert_eq!(retried.with_label_values(&[RETRY_UNSENT]).get(), 1);
+        // The request sent again gets no place of its own: no third time.
+        assert!(resend.clone_request(&place).is_none());
+    }
+
+    #[test]
+    fn an_answer_or_an_error_with_nothing_handed_back_ends_the_exchange() {
+        let retried = counter();
+        let mut resend = Resend {
+            retried: Some(retried.clone()),
+        };
+        let mut place = resend.clone_request(&request(b"")).unwrap();
+        let mut answered = Ok(Answer {
+            status: 200,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+        });
+        assert!(resend.retry(&mut place, &mut answered).is_none());
+        let mut written = Err(failed(None));
+        assert!(resend.retry(&mut place, &mut written).is_none());
+        assert_eq!(retried.with_label_values(&[RETRY_UNSENT]).get(), 0);
+        assert_eq!(retried.with_label_values(&[RETRY_NO_ANSWER]).get(), 0);
+    }
 }
