@@ -115,8 +115,10 @@ struct RequiredKeys {
 #[allow(dead_code)]
 struct RequiredListenKeys {
     addr: IgnoredAny,
-    cert: IgnoredAny,
-    key: IgnoredAny,
+    /// Required unless `[listen.acme]` obtains the certificate; see [`Config::parse`].
+    cert: Option<IgnoredAny>,
+    key: Option<IgnoredAny>,
+    acme: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -196,9 +198,12 @@ impl Default for AdminConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
     pub addr: SocketAddr,
-    /// PEM: the certificate for the public name first, then the intermediates to send.
+    /// PEM: the certificate for the public name first, then the intermediates to send. Empty
+    /// (and not printed) when `[listen.acme]` obtains the certificate.
+    #[serde(skip_serializing_if = "is_unset")]
     pub cert: PathBuf,
     /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key.
+    #[serde(skip_serializing_if = "is_unset")]
     pub key: PathBuf,
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -225,6 +230,14 @@ pub struct ListenConfig {
     /// connection (HTTP/1.1).
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// The certificate obtained and renewed by ACME instead of `cert` and `key`. Last: a table
+    /// is printed after the section's plain keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeConfig>,
+}
+
+fn is_unset(path: &Path) -> bool {
+    path.as_os_str().is_empty()
 }
 
 /// `addr`, `cert` and `key` have no default (see `RequiredKeys`); the values here only stand in
@@ -246,7 +259,100 @@ impl Default for ListenConfig {
             reload_check_interval: RELOAD_CHECK_INTERVAL,
             max_connections_per_client: MAX_CONNECTIONS_PER_CLIENT,
             send_timeout: SEND_TIMEOUT,
+            acme: None,
         }
+    }
+}
+
+/// The ACME challenge the gateway answers to prove it holds the domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum AcmeChallenge {
+    /// On the public listener itself, by ALPN `acme-tls/1` (RFC 8737): a DMZ opens 443 only.
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// Plain HTTP on `http01_addr` (port 80 as the CA sees it).
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+/// `[listen.acme]`: the public certificate obtained and renewed from an ACME CA (RFC 8555).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// PEM trust anchors for the directory's TLS certificate (a private ACME server); the
+    /// system roots otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// `mailto:` URLs the CA may write to about the account (expiry notices, incidents).
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// The names in the certificate, the first one its subject.
+    pub domains: Vec<String>,
+    /// The account key and the certificate, kept across restarts (files 0600, folder 0700).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// Where the http-01 challenge is answered (port 80 as the CA reaches it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http01_addr: Option<SocketAddr>,
+    /// External account binding, as commercial ACME CAs ask: the key id they gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eab_kid: Option<String>,
+    /// The file holding the HMAC key they gave, base64url as they print it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eab_hmac_key_file: Option<PathBuf>,
+}
+
+impl AcmeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("listen.acme.{key}: {why}")));
+        if !(self.directory.starts_with("https://") || self.directory.starts_with("http://"))
+            || self.directory.parse::<http::Uri>().is_err()
+        {
+            return bad("directory", "is not an http(s) URL of an ACME directory");
+        }
+        if self.domains.is_empty() {
+            return bad("domains", "names no domain");
+        }
+        for d in &self.domains {
+            let name = d.strip_prefix("*.").unwrap_or(d);
+            if name.is_empty()
+                || rustls_pki_types::DnsName::try_from(name).is_err()
+                || name.parse::<std::net::IpAddr>().is_ok()
+            {
+                return bad("domains", &format!("{d:?} is not a DNS name"));
+            }
+        }
+        for c in &self.contact {
+            if !c.starts_with("mailto:") {
+                return bad("contact", &format!("{c:?} is not a mailto: URL"));
+            }
+        }
+        if is_unset(&self.state_dir) {
+            return bad("state_dir", "is empty");
+        }
+        match (self.challenge, self.http01_addr) {
+            (AcmeChallenge::Http01, None) => {
+                return bad("http01_addr", "is required with challenge = \"http-01\"")
+            }
+            (AcmeChallenge::TlsAlpn01, Some(_)) => {
+                return bad(
+                    "http01_addr",
+                    "is for challenge = \"http-01\"; tls-alpn-01 is answered on listen.addr",
+                )
+            }
+            _ => {}
+        }
+        if self.eab_kid.is_some() != self.eab_hmac_key_file.is_some() {
+            return bad(
+                "eab_kid",
+                "eab_kid and eab_hmac_key_file go together (external account binding)",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -402,7 +508,20 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(toml_error)?;
-        toml::from_str::<RequiredKeys>(text).map_err(toml_error)?;
+        let required = toml::from_str::<RequiredKeys>(text).map_err(toml_error)?;
+        let l = &required.listen;
+        match (&l.acme, &l.cert, &l.key) {
+            (None, None, _) => return Err(ConfigError(
+                "listen: missing field `cert` (or a [listen.acme] section to obtain it)".into(),
+            )),
+            (None, _, None) => return Err(ConfigError(
+                "listen: missing field `key` (or a [listen.acme] section to obtain it)".into(),
+            )),
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => return Err(ConfigError(
+                "listen.cert, listen.key: left out with [listen.acme], which obtains the certificate; give one or the other".into(),
+            )),
+            _ => {}
+        }
         config.validate()?;
         Ok(config)
     }
@@ -417,6 +536,13 @@ impl Config {
         fix(&mut self.listen.key);
         if let Some(ca) = self.upstream.ca.as_mut() {
             fix(ca);
+        }
+        if let Some(acme) = self.listen.acme.as_mut() {
+            fix(&mut acme.state_dir);
+            acme.ca
+                .iter_mut()
+                .chain(acme.eab_hmac_key_file.iter_mut())
+                .for_each(fix);
         }
     }
 
@@ -530,6 +656,9 @@ impl Config {
             }
         }
         trusted_proxy_nets(&self.listen.trusted_proxies)?;
+        if let Some(acme) = &self.listen.acme {
+            acme.validate()?;
+        }
         if l.max_header_count == 0 || l.max_header_count > 10_000 {
             return bad(
                 "limits.max_header_count",
@@ -813,6 +942,68 @@ mod tests {
             }
         }
         keys
+    }
+
+    /// The example's `[listen.acme]` block, its optional keys set too (http01_addr aside: it
+    /// goes with http-01 only), in place of cert and key.
+    fn example_acme_text() -> String {
+        let acme: String = EXAMPLE
+            .lines()
+            .filter_map(|line| line.strip_prefix("#   "))
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .filter(|line| {
+                line.starts_with('[') || (line.contains(" = ") && !line.starts_with("http01_addr"))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let without_certificate = MINIMAL
+            .replace("cert = \"gw.pem\"", "")
+            .replace("key = \"gw.key\"", "");
+        format!("{without_certificate}\n{acme}")
+    }
+
+    #[test]
+    fn the_example_acme_section_parses_and_prints_back() {
+        let text = example_acme_text();
+        let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let acme = config.listen.acme.as_ref().unwrap();
+        assert_eq!(acme.challenge, AcmeChallenge::TlsAlpn01);
+        assert_eq!(acme.domains, ["scep.contoso.com"]);
+        assert!(acme.eab_kid.is_some() && acme.eab_hmac_key_file.is_some());
+        let printed = toml::to_string(&config).unwrap();
+        assert!(!printed.contains("cert = "), "{printed}");
+        let again = Config::parse(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        assert_eq!(format!("{again:?}"), format!("{config:?}"));
+    }
+
+    #[test]
+    fn acme_and_a_certificate_are_one_or_the_other() {
+        let acme = "[listen.acme]\ndirectory = \"https://acme.test/dir\"\ndomains = [\"scep.acme.test\"]\nstate_dir = \"acme\"\n";
+        let err = Config::parse(&format!("{MINIMAL}\n{acme}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("left out with [listen.acme]"), "{err}");
+        let without = MINIMAL.replace("cert = \"gw.pem\"", "");
+        let err = Config::parse(&without).unwrap_err().to_string();
+        assert!(err.contains("missing field `cert`"), "{err}");
+        let alone = without.replace("key = \"gw.key\"", "");
+        assert!(Config::parse(&format!("{alone}\n{acme}")).is_ok());
+        for (extra, key) in [
+            ("challenge = \"http-01\"", "listen.acme.http01_addr"),
+            ("http01_addr = \"0.0.0.0:80\"", "listen.acme.http01_addr"),
+            ("eab_kid = \"kid\"", "listen.acme.eab_kid"),
+            ("contact = [\"pki@contoso.com\"]", "listen.acme.contact"),
+        ] {
+            let err = Config::parse(&format!("{alone}\n{acme}{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{extra}: {err}");
+        }
+        let bad = acme.replace("scep.acme.test", "not a name");
+        let err = Config::parse(&format!("{alone}\n{bad}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("listen.acme.domains"), "{err}");
     }
 
     #[test]
