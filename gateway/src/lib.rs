@@ -94,19 +94,42 @@ pub struct Prepared {
     pub certificate: Arc<tls::ListenerCertificate>,
     pub tls: Arc<rustls::ServerConfig>,
     pub target: UpstreamTarget,
+    /// With `[listen.acme]`: what the renewal loop needs; the certificate is the stored one, or
+    /// none yet.
+    pub acme: Option<ops::acme::AcmeSetup>,
 }
 
 /// Loads and checks the certificates and the upstream settings; what `check` runs.
 pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
-    let key = tls::load_certified_key(&config.listen.cert, &config.listen.key)?;
-    let certificate = tls::ListenerCertificate::new(key);
-    let tls = tls::server_config(certificate.clone(), config.listen.http2)?;
+    let acme = config
+        .listen
+        .acme
+        .as_ref()
+        .map(ops::acme::AcmeSetup::load)
+        .transpose()?;
+    let certificate = match &acme {
+        Some(setup) => match &setup.stored {
+            Some(key) => tls::ListenerCertificate::new(key.clone()),
+            None => tls::ListenerCertificate::empty(),
+        },
+        None => tls::ListenerCertificate::new(tls::load_certified_key(
+            &config.listen.cert,
+            &config.listen.key,
+        )?),
+    };
+    let acme_tls_alpn = config
+        .listen
+        .acme
+        .as_ref()
+        .is_some_and(ops::acme::answers_on_listener);
+    let tls = tls::server_config(certificate.clone(), config.listen.http2, acme_tls_alpn)?;
     let target = UpstreamTarget::from_config(&config.upstream)?;
     Ok(Prepared {
         config: config.clone(),
         certificate,
         tls,
         target,
+        acme,
     })
 }
 
@@ -128,7 +151,11 @@ impl Gateway {
     /// Loads everything, binds the public and admin listeners and starts serving on the current
     /// runtime.
     pub async fn start(config: &Config) -> Result<Gateway, ConfigError> {
-        let prepared = prepare(config)?;
+        let mut prepared = prepare(config)?;
+        let http01 = match config.listen.acme.as_ref().and_then(|a| a.http01_addr) {
+            Some(addr) => Some(ops::acme::challenge::bind_http01(addr).await?),
+            None => None,
+        };
         if prepared.target.tls.is_none() {
             tracing::warn!(
                 target: "ndes_gateway::upstream",
@@ -183,6 +210,27 @@ impl Gateway {
         expiry.set_listener(&prepared.certificate);
 
         let tasks = TaskTracker::new();
+        if let Some(setup) = prepared.acme.take() {
+            for result in ops::acme::RESULTS {
+                metrics.acme_orders_total.with_label_values(&[result]);
+            }
+            let answers = Arc::new(ops::acme::challenge::Http01Answers::default());
+            if let Some(l) = http01 {
+                tasks.spawn(ops::acme::challenge::serve_http01(
+                    l,
+                    answers.clone(),
+                    stop.clone(),
+                ));
+            }
+            let acme = ops::acme::Acme {
+                setup,
+                listener: prepared.certificate.clone(),
+                http01: answers,
+                metrics: metrics.clone(),
+                expiry: expiry.clone(),
+            };
+            tasks.spawn(acme.run(stop.clone()));
+        }
         if let Some(l) = admin_listener {
             tasks.spawn(admin::serve(
                 l,

@@ -326,15 +326,34 @@ fn effective_settings(prepared: &Prepared) -> Result<String, String> {
 fn notes(prepared: &Prepared) -> Result<Vec<(&'static str, &'static str, String)>, String> {
     let c = &prepared.config;
     let target = &prepared.target;
-    let (subject, _, not_after) = ndes_gateway::tls::describe_certificate(&c.listen.cert)?;
-    let mut notes = vec![
-        (
-            "listen",
-            "cert",
-            format!("  # {subject}, valid until {not_after}"),
-        ),
-        ("listen", "key", "  # matches the certificate".to_owned()),
-    ];
+    let mut notes = match &prepared.acme {
+        None => {
+            let (subject, _, not_after) = ndes_gateway::tls::describe_certificate(&c.listen.cert)?;
+            vec![
+                (
+                    "listen",
+                    "cert",
+                    format!("  # {subject}, valid until {not_after}"),
+                ),
+                ("listen", "key", "  # matches the certificate".to_owned()),
+            ]
+        }
+        Some(acme) => {
+            let stored = match &acme.stored {
+                Some(_) => {
+                    let path = acme.state.certificate_path();
+                    let (subject, _, not_after) = ndes_gateway::tls::describe_certificate(&path)?;
+                    format!("{subject}, valid until {not_after}, in {}", path.display())
+                }
+                None => "none stored yet: obtained at start".to_owned(),
+            };
+            vec![(
+                "listen",
+                "addr",
+                format!("  # certificate by ACME ([listen.acme]): {stored}"),
+            )]
+        }
+    };
     if target.tls.is_none() {
         notes.push((
             "upstream",

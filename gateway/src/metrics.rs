@@ -43,6 +43,7 @@ pub struct Metrics {
     pub reloads_total: IntCounterVec,
     pub upstream_retries_total: IntCounterVec,
     pub connections_aborted_total: IntCounter,
+    pub acme_orders_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -158,6 +159,13 @@ impl Metrics {
             "connections_aborted_total",
             "Client connections still open at the end of the drain (listen.drain_timeout), dropped.",
         )?;
+        let acme_orders_total = IntCounterVec::new(
+            Opts::new(
+                "acme_orders_total",
+                "Certificate orders to the ACME CA ([listen.acme]), by result: ok, error, rate_limited.",
+            ),
+            &["result"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "The running version."),
             &["version"],
@@ -185,6 +193,7 @@ impl Metrics {
         registry.register(Box::new(reloads_total.clone()))?;
         registry.register(Box::new(upstream_retries_total.clone()))?;
         registry.register(Box::new(connections_aborted_total.clone()))?;
+        registry.register(Box::new(acme_orders_total.clone()))?;
         for target in ["config", "listener", "upstream_trust"] {
             for result in ["ok", "error"] {
                 reloads_total.with_label_values(&[target, result]);
@@ -226,6 +235,7 @@ impl Metrics {
             reloads_total,
             upstream_retries_total,
             connections_aborted_total,
+            acme_orders_total,
         })
     }
 

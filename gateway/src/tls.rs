@@ -70,40 +70,86 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
     Ok(Arc::new(certified))
 }
 
+/// The ALPN protocol of the tls-alpn-01 challenge (RFC 8737): a handshake that offers it is the
+/// ACME CA validating, never a device.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 /// Hands out the one certificate whatever the SNI: devices may use the public name, an alias, or
 /// an address, and a name mismatch is theirs to report, not a reason for us to abort. Replaced
-/// on reload; handshakes under way keep the one they started with.
-#[derive(Debug)]
-pub struct ListenerCertificate(std::sync::RwLock<Arc<CertifiedKey>>);
+/// on reload; handshakes under way keep the one they started with. With ACME it starts empty
+/// (handshakes fail until the first certificate arrives) and also holds the tls-alpn-01
+/// challenge certificates, by domain, while an order is being validated.
+#[derive(Debug, Default)]
+pub struct ListenerCertificate {
+    current: std::sync::RwLock<Option<Arc<CertifiedKey>>>,
+    challenges: std::sync::RwLock<std::collections::HashMap<String, Arc<CertifiedKey>>>,
+}
 
 impl ListenerCertificate {
     pub fn new(key: Arc<CertifiedKey>) -> Arc<ListenerCertificate> {
-        Arc::new(ListenerCertificate(std::sync::RwLock::new(key)))
+        let certificate = ListenerCertificate::default();
+        certificate.set(key);
+        Arc::new(certificate)
+    }
+
+    /// No certificate yet: ACME is to obtain the first one.
+    pub fn empty() -> Arc<ListenerCertificate> {
+        Arc::new(ListenerCertificate::default())
     }
 
     /// Loads the pair again; one that does not load or does not match is refused, the
     /// certificate in force kept.
     pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), ConfigError> {
-        let fresh = load_certified_key(cert, key)?;
-        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.set(load_certified_key(cert, key)?);
         Ok(())
     }
 
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// Swaps in a new certificate; open connections keep the one they were made with.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
+
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Answers tls-alpn-01 for `domain` with `key` until [`Self::clear_challenge`].
+    pub fn set_challenge(&self, domain: &str, key: Arc<CertifiedKey>) {
+        let mut challenges = self.challenges.write().unwrap_or_else(|e| e.into_inner());
+        challenges.insert(domain.to_ascii_lowercase(), key);
+    }
+
+    pub fn clear_challenge(&self, domain: &str) {
+        let mut challenges = self.challenges.write().unwrap_or_else(|e| e.into_inner());
+        challenges.remove(&domain.to_ascii_lowercase());
     }
 }
 
 impl ResolvesServerCert for ListenerCertificate {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            // Only the challenge certificate, and only for a name being validated: the CA must
+            // never see the serving certificate on this protocol (RFC 8737, section 3).
+            let name = hello.server_name()?.to_ascii_lowercase();
+            let challenges = self.challenges.read().unwrap_or_else(|e| e.into_inner());
+            return challenges.get(&name).cloned();
+        }
+        self.current()
     }
 }
 
+/// `acme_tls_alpn`: also offer `acme-tls/1`, for the tls-alpn-01 challenge on this listener.
 pub fn server_config(
     key: Arc<ListenerCertificate>,
     http2: bool,
+    acme_tls_alpn: bool,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -115,6 +161,9 @@ pub fn server_config(
     } else {
         vec![b"http/1.1".to_vec()]
     };
+    if acme_tls_alpn {
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(config))
 }
 

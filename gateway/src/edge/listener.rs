@@ -293,6 +293,11 @@ async fn serve_connection(
             return;
         }
     };
+    if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
+        // The ACME CA validating tls-alpn-01: the handshake itself was the answer (RFC 8737),
+        // and no HTTP follows on this protocol.
+        return;
+    }
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let h2 = is_h2 && settings.http2.is_some();
     let activity = Arc::new(Activity::new(!h2));

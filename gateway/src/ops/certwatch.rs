@@ -83,9 +83,11 @@ impl Expiry {
     pub fn set_listener(&self, certificate: &ListenerCertificate) {
         let listener = certificate
             .current()
-            .cert
-            .first()
-            .and_then(|c| Watched::from_der("listener", c))
+            .and_then(|key| {
+                key.cert
+                    .first()
+                    .and_then(|c| Watched::from_der("listener", c))
+            })
             .into_iter()
             .collect();
         self.update(|parts| parts.0 = listener);

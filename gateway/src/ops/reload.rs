@@ -118,12 +118,18 @@ impl Reloader {
             }
         }
         let c = &self.config;
-        let listener = self.certificate.reload(&c.listen.cert, &c.listen.key);
-        if listener.is_ok() {
+        // With [listen.acme] the renewal loop swaps the certificate; there are no files to read.
+        let listener = c
+            .listen
+            .acme
+            .is_none()
+            .then(|| self.certificate.reload(&c.listen.cert, &c.listen.key));
+        if matches!(listener, Some(Ok(()))) {
             self.expiry.set_listener(&self.certificate);
         }
-        let upstream = self.upstream.reload_trust(&c.upstream);
-        for (target, result) in [("listener", listener), ("upstream_trust", upstream)] {
+        let upstream = Some(self.upstream.reload_trust(&c.upstream));
+        let results = [("listener", listener), ("upstream_trust", upstream)];
+        for (target, result) in results.into_iter().filter_map(|(t, r)| Some((t, r?))) {
             match result {
                 Ok(()) => {
                     self.count(target, "ok");

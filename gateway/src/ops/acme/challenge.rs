@@ -1,0 +1,140 @@
+//! Answering the CA's challenges: tls-alpn-01 with a certificate the public listener hands out to
+//! `acme-tls/1` handshakes (RFC 8737), http-01 from a small plain-HTTP listener of its own
+//! (RFC 8555, section 8.3) that serves the key authorizations and nothing else.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rcgen::{CertificateParams, CustomExtension, KeyPair};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+use crate::tls;
+
+const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
+/// The CA's validation request is one small GET: anything slower is not the CA.
+const HTTP01_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The self-signed certificate for `domain` carrying the key authorization's SHA-256 in the
+/// critical acmeIdentifier extension: what tls-alpn-01 asks the server to present.
+pub fn tls_alpn_certificate(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let mut params =
+        CertificateParams::new(vec![domain.to_owned()]).map_err(|e| format!("{domain}: {e}"))?;
+    params
+        .custom_extensions
+        .push(CustomExtension::new_acme_identifier(digest));
+    let key = KeyPair::generate().map_err(|e| format!("challenge key: {e}"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| format!("challenge certificate: {e}"))?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = tls::provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("challenge key: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![CertificateDer::from(cert.der().to_vec())],
+        signing,
+    )))
+}
+
+/// The http-01 answers in force: token to key authorization.
+#[derive(Default)]
+pub struct Http01Answers(Mutex<HashMap<String, String>>);
+
+impl Http01Answers {
+    pub fn set(&self, token: &str, key_authorization: &str) {
+        self.lock()
+            .insert(token.to_owned(), key_authorization.to_owned());
+    }
+
+    pub fn clear(&self, token: &str) {
+        self.lock().remove(token);
+    }
+
+    fn get(&self, token: &str) -> Option<String> {
+        self.lock().get(token).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // A poisoned lock only means a panic elsewhere mid-insert; the map is whole.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub async fn bind_http01(addr: SocketAddr) -> Result<TcpListener, ConfigError> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        ConfigError(format!(
+            "listen.acme.http01_addr: cannot listen on {addr}: {e}"
+        ))
+    })
+}
+
+/// Serves `GET /.well-known/acme-challenge/TOKEN` until `stop`; 404 for anything else.
+pub async fn serve_http01(
+    listener: TcpListener,
+    answers: Arc<Http01Answers>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => {
+                    // Out of descriptors: wait rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let answers = answers.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let answer = http01_answer(&answers, &req);
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HTTP01_HEADER_TIMEOUT)
+                .keep_alive(false);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn http01_answer(answers: &Http01Answers, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let found = (req.method() == Method::GET)
+        .then(|| req.uri().path().strip_prefix(HTTP01_PREFIX))
+        .flatten()
+        .and_then(|token| answers.get(token));
+    let (status, body) = match found {
+        Some(key_authorization) => (StatusCode::OK, key_authorization),
+        None => (StatusCode::NOT_FOUND, String::new()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
