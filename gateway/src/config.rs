@@ -528,7 +528,8 @@ impl Config {
 
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
+            // An unset path (cert and key with [listen.acme]) stays unset.
+            if p.is_relative() && !is_unset(p) {
                 *p = base.join(&*p);
             }
         };
