@@ -11,7 +11,8 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectAltName};
 use x509_cert::Certificate;
 
-use crate::config::Config;
+use crate::config::{AcmeConfig, Config};
+use crate::ops::acme::state::StateDir;
 use crate::ops::certwatch::{ca_and_ra, now_unix, Watched};
 use crate::upstream::{Upstream, UpstreamErrorKind, UpstreamTarget};
 
@@ -72,7 +73,10 @@ fn date(unix: u64) -> String {
 /// Runs every check. `public_name` is the name devices use; by default the listener
 /// certificate's subject CN.
 pub async fn run(config: &Config, public_name: Option<&str>) -> Vec<Finding> {
-    let mut out = listener_checks(config, public_name);
+    let mut out = match &config.listen.acme {
+        Some(acme) => acme_checks(config, acme, public_name),
+        None => listener_checks(config, public_name),
+    };
     match UpstreamTarget::from_config(&config.upstream) {
         Ok(target) => {
             out.extend(upstream_checks(Arc::new(Upstream::new(target, &config.upstream))).await)
@@ -84,6 +88,75 @@ pub async fn run(config: &Config, public_name: Option<&str>) -> Vec<Finding> {
             "fix [upstream] in the config",
         )),
     }
+    out
+}
+
+/// With `[listen.acme]`: the account, the last order and the next renewal as the running
+/// gateway last wrote them in `state_dir`, then the stored certificate's own checks.
+fn acme_checks(config: &Config, acme: &AcmeConfig, public_name: Option<&str>) -> Vec<Finding> {
+    let state = StateDir::new(&acme.state_dir);
+    let status = state.status().unwrap_or_default();
+    let mut out = vec![match (&status.account, state.has_account()) {
+        (Some(url), true) => finding(
+            "acme_account",
+            Verdict::Pass,
+            format!("registered at {}: {url}", acme.directory),
+            "",
+        ),
+        (None, true) => finding(
+            "acme_account",
+            Verdict::Pass,
+            format!("stored for {}", acme.directory),
+            "",
+        ),
+        _ => finding(
+            "acme_account",
+            Verdict::Warn,
+            format!("no account stored in {}", acme.state_dir.display()),
+            "start the gateway: it registers one at its first order",
+        ),
+    }];
+    let at = status
+        .last_order_at
+        .map_or_else(|| "never".to_owned(), date);
+    out.push(match status.last_order_result.as_deref() {
+        Some("ok") => finding("acme_last_order", Verdict::Pass, format!("succeeded at {at}"), ""),
+        Some(result) => finding(
+            "acme_last_order",
+            Verdict::Fail,
+            format!(
+                "{result} at {at}: {}",
+                status.last_problem.as_deref().unwrap_or("(no problem document)")
+            ),
+            "see the problem: DNS of the domains, the challenge port reachable from the CA, the EAB key, the CA's rate limits",
+        ),
+        None => finding("acme_last_order", Verdict::Warn, "no order yet", "start the gateway"),
+    });
+    if let Some(next) = status.next_renewal_at {
+        out.push(finding(
+            "acme_next_renewal",
+            Verdict::Pass,
+            format!("next order at {}", date(next)),
+            "",
+        ));
+    }
+    let (cert, key) = (state.certificate_path(), state.key_path());
+    if !cert.exists() {
+        out.push(finding(
+            "listener_key",
+            Verdict::Fail,
+            format!("no certificate in {} yet", acme.state_dir.display()),
+            "start the gateway and see acme_last_order",
+        ));
+        return out;
+    }
+    let mut stored = config.clone();
+    stored.listen.cert = cert;
+    stored.listen.key = key;
+    out.extend(listener_checks(
+        &stored,
+        public_name.or(acme.domains.first().map(String::as_str)),
+    ));
     out
 }
 
