@@ -171,7 +171,7 @@ PY
 # are pointed at the throwaway certificate; everything else is checked as written.
 check_configs() {
   local files=("$deploy/docker/gateway.toml") f overlay name
-  for overlay in edge sidecar; do
+  for overlay in edge sidecar acme; do
     [[ -s $work/$overlay.yaml ]] || { echo "  $overlay not rendered"; return 1; }
     python3 - "$work/$overlay.yaml" "$work/$overlay.gateway.toml" <<'PY'
 import sys, yaml
@@ -434,8 +434,10 @@ PY
 
 check "kustomize build edge" render edge
 check "kustomize build sidecar" render sidecar
+check "kustomize build acme" render acme
 check "kubernetes-validate edge" validate edge
 check "kubernetes-validate sidecar" validate sidecar
+check "kubernetes-validate acme" validate acme
 check "shipped gateway.toml files load (ndes-gateway check)" check_configs
 check "promtool check rules" promtool check rules "$deploy/prometheus/ndes-gateway.rules.yml"
 check "promtool test rules" promtool test rules "$deploy/prometheus/ndes-gateway.rules.test.yml"
