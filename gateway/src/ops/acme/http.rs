@@ -78,6 +78,30 @@ impl AcmeHttp {
             .take()
     }
 
+    /// A plain GET (the directory, renewal information), its body read whole.
+    pub async fn get(&self, url: &str) -> Result<Bytes, Error> {
+        let req = Request::get(url)
+            .body(BodyWrapper::default())
+            .map_err(|e| other(format!("{url}: {e}")))?;
+        let answer = tokio::time::timeout(EXCHANGE_TIMEOUT, self.exchange(req))
+            .await
+            .map_err(|_| {
+                other(format!(
+                    "{url}: no answer within {}s",
+                    EXCHANGE_TIMEOUT.as_secs()
+                ))
+            })??;
+        if !answer.status().is_success() {
+            return Err(other(format!("{url}: {}", answer.status())));
+        }
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| other(format!("{url}: {e}")))?;
+        Ok(body.to_bytes())
+    }
+
     async fn exchange(
         &self,
         req: Request<BodyWrapper<Bytes>>,

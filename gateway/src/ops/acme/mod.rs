@@ -1,6 +1,7 @@
 //! The public certificate by ACME (`[listen.acme]`): obtained at start when none is stored,
 //! renewed at two thirds of its life, swapped in like a reload, failures retried with backoff.
 
+mod ari;
 pub mod challenge;
 pub mod http;
 mod order;
@@ -119,7 +120,10 @@ impl Acme {
         }
         loop {
             let current = self.listener.current();
-            let due = retry_at.unwrap_or_else(|| renewal_due(current.as_deref()));
+            let (due, recheck) = match retry_at {
+                Some(at) => (at, None),
+                None => self.due(current.as_deref()).await,
+            };
             status.next_renewal_at = Some(unix(due));
             status.not_after = current
                 .as_deref()
@@ -129,7 +133,11 @@ impl Acme {
             let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(recheck.map_or(wait, |r| wait.min(r))) => {}
+            }
+            if SystemTime::now() < due {
+                // Woken to ask for the CA's renewal window again, not to order.
+                continue;
             }
             let attempt = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -195,6 +203,23 @@ impl Acme {
     fn save(&self, status: &Status) {
         if let Err(e) = self.setup.state.save_status(status) {
             tracing::debug!(target: "ndes_gateway::acme", error = %e, "ACME status not written");
+        }
+    }
+
+    /// When to order next, and how soon to look again: the CA's renewal window (a random
+    /// point in it) where it offers ARI, asked for again every [`ari::RECHECK`]; else two thirds
+    /// of the lifetime.
+    async fn due(&self, current: Option<&CertifiedKey>) -> (SystemTime, Option<Duration>) {
+        let Some(leaf) = current.and_then(|c| c.cert.first()) else {
+            return (SystemTime::now(), None);
+        };
+        let directory = &self.setup.config.directory;
+        match ari::suggested_window(&self.setup.http, directory, leaf).await {
+            Some((start, end)) => {
+                let span = end.duration_since(start).unwrap_or_default();
+                (start + span.mul_f64(random_fraction()), Some(ari::RECHECK))
+            }
+            None => (renewal_due(current), None),
         }
     }
 
