@@ -433,11 +433,31 @@ async fn issues_by_tls_alpn_serves_and_enrols() {
     let again = Gateway::start(&config).await.unwrap();
     assert_eq!(
         served(again.local_addr(), "localhost", &root).await,
-        Some(chain)
+        Some(chain.clone())
     );
     assert_eq!(orders(&again, "ok"), 0);
     assert_eq!(std::fs::read(state.join("account.json")).unwrap(), account);
     again.shutdown().await;
+
+    // A name added to `domains`: the stored certificate serves while a new one is ordered at once.
+    let text = text.replace(
+        "domains = [\"localhost\"]",
+        "domains = [\"localhost\", \"scep.acme.test\"]",
+    );
+    let widened = Gateway::start(&Config::parse(&text).unwrap())
+        .await
+        .unwrap();
+    let fresh = wait_served(
+        widened.local_addr(),
+        "scep.acme.test",
+        &root,
+        None,
+        ISSUE_TIMEOUT,
+    )
+    .await;
+    assert_ne!(fresh[0], chain[0]);
+    assert_eq!(std::fs::read(state.join("account.json")).unwrap(), account);
+    widened.shutdown().await;
 }
 
 /// With a short certificateValidityPeriod the gateway renews on its own at two thirds of the

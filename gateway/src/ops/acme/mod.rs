@@ -213,6 +213,11 @@ impl Acme {
         let Some(leaf) = current.and_then(|c| c.cert.first()) else {
             return (SystemTime::now(), None);
         };
+        if names_in(leaf) != normalized(self.setup.config.domains.clone()) {
+            // `domains` changed since the stored certificate was issued: order for the new set
+            // now; the old certificate serves meanwhile.
+            return (SystemTime::now(), None);
+        }
         let directory = &self.setup.config.directory;
         match ari::suggested_window(&self.setup.http, directory, leaf).await {
             Some((start, end)) => {
@@ -305,6 +310,41 @@ fn validity(key: &CertifiedKey) -> Option<(SystemTime, SystemTime)> {
         UNIX_EPOCH + v.not_before.to_unix_duration(),
         UNIX_EPOCH + v.not_after.to_unix_duration(),
     ))
+}
+
+/// The DNS names in a certificate's subject alternative names, lower case, sorted.
+fn names_in(leaf: &[u8]) -> Vec<String> {
+    use der::oid::AssociatedOid;
+    use der::Decode;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::SubjectAltName;
+    let Ok(cert) = x509_cert::Certificate::from_der(leaf) else {
+        return Vec::new();
+    };
+    let extensions = cert.tbs_certificate.extensions.unwrap_or_default();
+    let Some(san) = extensions.iter().find(|e| e.extn_id == SubjectAltName::OID) else {
+        return Vec::new();
+    };
+    let names: Vec<String> = SubjectAltName::from_der(san.extn_value.as_bytes())
+        .map(|san| san.0)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|name| match name {
+            GeneralName::DnsName(dns) => Some(dns.to_string()),
+            _ => None,
+        })
+        .collect();
+    normalized(names)
+}
+
+/// DNS names compare without regard to case or order.
+fn normalized(mut names: Vec<String>) -> Vec<String> {
+    for name in &mut names {
+        name.make_ascii_lowercase();
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// When to order: now without a certificate, else at two thirds of its life less a jitter.
@@ -424,6 +464,19 @@ mod tests {
             describe(&e),
             "429 urn:ietf:params:acme:error:rateLimited: too many"
         );
+    }
+
+    #[test]
+    fn the_names_of_a_certificate_are_compared_as_a_set() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["B.acme.test".to_owned(), "a.acme.test".to_owned()])
+                .unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let cert = params
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        assert_eq!(names_in(cert.der()), ["a.acme.test", "b.acme.test"]);
+        assert!(names_in(b"not a certificate").is_empty());
     }
 
     #[test]
