@@ -318,7 +318,15 @@ impl AcmeConfig {
             return bad("domains", "names no domain");
         }
         for d in &self.domains {
-            let name = d.strip_prefix("*.").unwrap_or(d);
+            if d.starts_with("*.") {
+                // A wildcard is validated by dns-01 only (RFC 8555, section 7.1.3), which the
+                // gateway does not answer.
+                return bad(
+                    "domains",
+                    &format!("{d:?}: a wildcard needs the dns-01 challenge; name each host"),
+                );
+            }
+            let name = d.as_str();
             if name.is_empty()
                 || rustls_pki_types::DnsName::try_from(name).is_err()
                 || name.parse::<std::net::IpAddr>().is_ok()
@@ -1000,6 +1008,11 @@ mod tests {
                 .to_string();
             assert!(err.starts_with(key), "{extra}: {err}");
         }
+        let wild = acme.replace("scep.acme.test", "*.acme.test");
+        let err = Config::parse(&format!("{alone}\n{wild}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dns-01"), "{err}");
         let bad = acme.replace("scep.acme.test", "not a name");
         let err = Config::parse(&format!("{alone}\n{bad}"))
             .unwrap_err()

@@ -26,6 +26,9 @@ use crate::tls;
 const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 /// The CA's validation request is one small GET: anything slower is not the CA.
 const HTTP01_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A CA validates from a few vantage points at once; past this, port 80 is being flooded, and
+/// new connections are closed rather than held.
+const HTTP01_MAX_CONNECTIONS: usize = 64;
 
 /// The self-signed certificate for `domain` carrying the key authorization's SHA-256 in the
 /// critical acmeIdentifier extension: what tls-alpn-01 asks the server to present.
@@ -88,6 +91,7 @@ pub async fn serve_http01(
     answers: Arc<Http01Answers>,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP01_MAX_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -100,9 +104,13 @@ pub async fn serve_http01(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let answers = answers.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req: Request<Incoming>| {
                 let answer = http01_answer(&answers, &req);
                 async move { Ok::<_, Infallible>(answer) }
