@@ -131,12 +131,13 @@ impl Acme {
                 .map(|(_, end)| unix(end));
             self.save(&status);
             let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+            // Woken early to ask for the CA's renewal window again, not to order.
+            let recheck = recheck.filter(|r| *r < wait);
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(recheck.map_or(wait, |r| wait.min(r))) => {}
+                _ = tokio::time::sleep(recheck.unwrap_or(wait)) => {}
             }
-            if SystemTime::now() < due {
-                // Woken to ask for the CA's renewal window again, not to order.
+            if recheck.is_some() {
                 continue;
             }
             let attempt = tokio::select! {
@@ -149,55 +150,65 @@ impl Acme {
                 Ok(fresh) => {
                     failures = 0;
                     retry_at = None;
-                    status.last_order_result = Some("ok".to_owned());
-                    status.last_problem = None;
-                    status.not_after = validity(&fresh).map(|(_, end)| unix(end));
-                    self.save(&status);
-                    self.metrics
-                        .acme_orders_total
-                        .with_label_values(&["ok"])
-                        .inc();
-                    self.install(fresh);
+                    self.succeeded(fresh, &mut status);
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let rate_limited = problem_type(&e) == Some(RATE_LIMITED);
-                    let result = if rate_limited {
-                        "rate_limited"
-                    } else {
-                        "error"
-                    };
                     if problem_type(&e) == Some(ACCOUNT_DOES_NOT_EXIST) {
                         // The CA lost or closed the account: the next try registers anew.
                         account = None;
                         self.setup.state.forget_account();
                     }
-                    let asked = self.setup.http.take_retry_after();
-                    let delay = retry_delay(failures, self.listener.current().as_deref(), asked);
-                    retry_at = Some(SystemTime::now() + delay);
-                    let problem = describe(&e);
-                    status.last_order_result = Some(result.to_owned());
-                    status.last_problem = Some(problem.clone());
-                    status.next_renewal_at = retry_at.map(unix);
-                    // Counted and written before the warning: whoever reads the log finds the
-                    // metric and `doctor` saying so already.
-                    self.save(&status);
-                    self.metrics
-                        .acme_orders_total
-                        .with_label_values(&[result])
-                        .inc();
-                    tracing::warn!(
-                        target: "ndes_gateway::acme",
-                        directory = %self.setup.config.directory,
-                        result,
-                        failures,
-                        retry_in_s = delay.as_secs(),
-                        problem = %problem,
-                        "ACME order failed; the certificate in force stays"
-                    );
+                    retry_at = Some(self.failed(&e, failures, &mut status));
                 }
             }
         }
+    }
+
+    /// Counted, written for `doctor`, then swapped in.
+    fn succeeded(&self, fresh: Arc<CertifiedKey>, status: &mut Status) {
+        status.last_order_result = Some("ok".to_owned());
+        status.last_problem = None;
+        status.not_after = validity(&fresh).map(|(_, end)| unix(end));
+        self.save(status);
+        self.metrics
+            .acme_orders_total
+            .with_label_values(&["ok"])
+            .inc();
+        self.install(fresh);
+    }
+
+    /// Counted, written and logged; returns when to try again.
+    fn failed(&self, e: &Error, failures: u32, status: &mut Status) -> SystemTime {
+        let result = if problem_type(e) == Some(RATE_LIMITED) {
+            "rate_limited"
+        } else {
+            "error"
+        };
+        let asked = self.setup.http.take_retry_after();
+        let delay = retry_delay(failures, self.listener.current().as_deref(), asked);
+        let retry_at = SystemTime::now() + delay;
+        let problem = describe(e);
+        status.last_order_result = Some(result.to_owned());
+        status.last_problem = Some(problem.clone());
+        status.next_renewal_at = Some(unix(retry_at));
+        // Counted and written before the warning: whoever reads the log finds the metric and
+        // `doctor` saying so already.
+        self.save(status);
+        self.metrics
+            .acme_orders_total
+            .with_label_values(&[result])
+            .inc();
+        tracing::warn!(
+            target: "ndes_gateway::acme",
+            directory = %self.setup.config.directory,
+            result,
+            failures,
+            retry_in_s = delay.as_secs(),
+            problem = %problem,
+            "ACME order failed; the certificate in force stays"
+        );
+        retry_at
     }
 
     fn save(&self, status: &Status) {
