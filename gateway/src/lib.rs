@@ -48,7 +48,8 @@ use crate::pipeline::filter::RequestLimits;
 use crate::pipeline::proxy;
 use crate::pipeline::proxy::Proxy;
 use crate::pipeline::ratelimit::RateLimits;
-use crate::upstream::{Upstream, UpstreamTarget};
+use crate::upstream::cluster::Cluster;
+use crate::upstream::UpstreamTarget;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (what systemd, Docker and Kubernetes send): both
 /// stop the process the same orderly way, children included. The handlers are installed when
@@ -93,7 +94,8 @@ pub struct Prepared {
     pub config: Config,
     pub certificate: Arc<tls::ListenerCertificate>,
     pub tls: Arc<rustls::ServerConfig>,
-    pub target: UpstreamTarget,
+    /// One per NDES server, in the config's order.
+    pub targets: Vec<UpstreamTarget>,
 }
 
 /// Loads and checks the certificates and the upstream settings; what `check` runs.
@@ -101,12 +103,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
     let key = tls::load_certified_key(&config.listen.cert, &config.listen.key)?;
     let certificate = tls::ListenerCertificate::new(key);
     let tls = tls::server_config(certificate.clone(), config.listen.http2)?;
-    let target = UpstreamTarget::from_config(&config.upstream)?;
+    let targets = Cluster::targets(&config.upstream)?;
     Ok(Prepared {
         config: config.clone(),
         certificate,
         tls,
-        target,
+        targets,
     })
 }
 
@@ -129,10 +131,10 @@ impl Gateway {
     /// runtime.
     pub async fn start(config: &Config) -> Result<Gateway, ConfigError> {
         let prepared = prepare(config)?;
-        if prepared.target.tls.is_none() {
+        for target in prepared.targets.iter().filter(|t| t.tls.is_none()) {
             tracing::warn!(
                 target: "ndes_gateway::upstream",
-                url = %config.upstream.url,
+                server = %target.authority,
                 "upstream is plain http:// on loopback: only for a SCEP server on this host"
             );
         }
@@ -154,23 +156,27 @@ impl Gateway {
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let metrics = Arc::new(Metrics::new());
+        let cluster = Arc::new(Cluster::new(
+            prepared.targets,
+            &config.upstream,
+            metrics.clone(),
+            config.admin.probe_interval,
+        )?);
+        let labels: Vec<&str> = cluster.servers.iter().map(|s| s.label.as_str()).collect();
         metrics.start_at_zero(
             pipeline::filter::RejectReason::ALL
                 .iter()
                 .map(|r| r.label()),
-            upstream::UpstreamErrorKind::ALL.iter().map(|k| k.label()),
+            &upstream::UpstreamErrorKind::ALL.map(|k| k.label()),
+            &labels,
             [upstream::RETRY_UNSENT, upstream::RETRY_NO_ANSWER],
         );
         let readiness = Arc::new(Readiness::default());
-        let upstream = Arc::new(
-            Upstream::new(prepared.target, &config.upstream)
-                .counting_retries(metrics.upstream_retries_total.clone()),
-        );
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limit));
         let proxy = Arc::new(Proxy::new(
             RequestLimits::from(&config.limits),
             config.limits.body_timeout,
-            upstream.clone(),
+            cluster.clone(),
             metrics.clone(),
             rate_limits.clone(),
             trusted_proxies,
@@ -183,6 +189,8 @@ impl Gateway {
         expiry.set_listener(&prepared.certificate);
 
         let tasks = TaskTracker::new();
+        // With several servers the probes and the RA sets steer every request, admin or not.
+        let watching = admin_listener.is_some() || cluster.is_many();
         if let Some(l) = admin_listener {
             tasks.spawn(admin::serve(
                 l,
@@ -190,8 +198,10 @@ impl Gateway {
                 readiness.clone(),
                 stop.clone(),
             ));
+        }
+        if watching {
             let watch = certwatch::CertWatch {
-                upstream: upstream.clone(),
+                cluster: cluster.clone(),
                 readiness: readiness.clone(),
                 listener: prepared.certificate.clone(),
                 expiry: expiry.clone(),
@@ -200,9 +210,8 @@ impl Gateway {
             };
             tasks.spawn(watch.run(stop.clone()));
             tasks.spawn(admin::probe_loop(
-                upstream.clone(),
+                cluster.clone(),
                 readiness.clone(),
-                metrics.clone(),
                 config.admin.probe_interval,
                 config.admin.probe_timeout,
                 stop.clone(),
@@ -216,7 +225,7 @@ impl Gateway {
                 certificate: prepared.certificate.clone(),
                 config: config.clone(),
                 path: config.source.clone(),
-                upstream: upstream.clone(),
+                cluster: cluster.clone(),
                 metrics: metrics.clone(),
                 expiry,
                 hangup,
@@ -251,7 +260,7 @@ impl Gateway {
             target: "ndes_gateway",
             addr = %local_addr,
             admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
-            upstream = %config.upstream.url,
+            upstream = %config.upstream.describe(),
             "listening"
         );
         Ok(Gateway {
