@@ -398,7 +398,7 @@ async fn issues_by_tls_alpn_serves_and_enrols() {
     assert_eq!(orders(&public, "ok"), 1);
     let scrape = public.metrics.render();
     assert!(
-        scrape.contains("ndes_gateway_certificate_expiry_timestamp_seconds{role=\"listener\",subject=\"CN=localhost\"}"),
+        scrape.contains("ndes_gateway_certificate_expiry_timestamp_seconds{role=\"listener\",server=\"\",subject=\"CN=localhost\"}"),
         "{scrape}"
     );
     #[cfg(unix)]
@@ -515,7 +515,7 @@ async fn renews_on_its_own_and_open_connections_keep_going() {
     };
     let scrape = gateway.metrics.render();
     let line = format!(
-        "ndes_gateway_certificate_expiry_timestamp_seconds{{role=\"listener\",subject=\"CN={domain}\"}} {}",
+        "ndes_gateway_certificate_expiry_timestamp_seconds{{role=\"listener\",server=\"\",subject=\"CN={domain}\"}} {}",
         not_after(&second[0])
     );
     // A third renewal may have come meanwhile; the gauge shows whatever is in service.

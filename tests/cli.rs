@@ -141,25 +141,57 @@ fn check_names_the_file_key_and_problem_of_a_broken_config() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gateway.toml"));
 }
 
-#[test]
-fn the_demo_enrols_a_device_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = gateway(&[
+/// `demo --once` in `dir` with `extra` arguments; its output, once it succeeded.
+fn demo_once(dir: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "demo",
         "--once",
         "--listen",
         "127.0.0.1:0",
         "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = gateway(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_demo_enrols_a_device_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = demo_once(dir.path(), &[]);
     assert!(stdout.contains("subject:   CN=demo-device"), "{stdout}");
     assert!(dir.path().join("client/device.pem").is_file());
+}
+
+#[test]
+fn the_demo_with_two_ndes_hosts_enrols_through_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = demo_once(dir.path(), &["--ndes", "2"]);
+    assert!(stdout.contains("every NDES host issued"), "{stdout}");
+    for host in ["ndes01", "ndes02"] {
+        assert!(
+            stdout.contains(&format!("issued by OU=SCEP CA,O={host}")),
+            "{stdout}"
+        );
+        let issued = std::fs::read_dir(dir.path().join(host).join("depot"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("demo-device-"))
+            .count();
+        assert!(issued > 0, "{host} issued nothing");
+    }
+    let config = std::fs::read_to_string(dir.path().join("gateway.toml")).unwrap();
+    assert_eq!(config.matches("[[upstream.server]]").count(), 2, "{config}");
+    let refused = gateway(&["demo", "--ndes", "5"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--ndes"));
 }
 
 /// The process ids of running processes that have `needle` in their command line.

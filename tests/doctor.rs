@@ -191,13 +191,15 @@ async fn the_expiry_watch_exports_real_dates_and_an_expired_ra_fails_readiness()
     config.admin.probe_interval = std::time::Duration::from_millis(50);
     config.scep.cert_check_interval = std::time::Duration::from_millis(50);
     let gw = ndes_gateway::Gateway::start(&config).await.unwrap();
+    let server = upstream.addr.to_string();
+    let ready = format!("ndes_gateway_upstream_ready{{server=\"{server}\"}} 1");
     // Bounded wait for the first GetCACert and the first probe.
     let mut scrape = String::new();
     for _ in 0..400 {
         scrape = gw.metrics.render();
         if scrape.contains("role=\"ra\"")
             && scrape.contains("role=\"upstream_tls\"")
-            && scrape.contains("ndes_gateway_upstream_ready 1")
+            && scrape.contains(&ready)
         {
             break;
         }
@@ -205,21 +207,23 @@ async fn the_expiry_watch_exports_real_dates_and_an_expired_ra_fails_readiness()
     }
     // 2021-01-01T00:00:00Z, the RA certificate's notAfter.
     assert!(
-        scrape.contains("ndes_gateway_certificate_expiry_timestamp_seconds{role=\"ra\",subject=\"CN=NDES-RA-Encryption\"} 1609459200"),
+        scrape.contains(&format!("ndes_gateway_certificate_expiry_timestamp_seconds{{role=\"ra\",server=\"{server}\",subject=\"CN=NDES-RA-Encryption\"}} 1609459200")),
         "{scrape}"
     );
     // rcgen's default notAfter for the others: 4096-01-01.
     assert!(
-        scrape.contains("{role=\"listener\",subject=\"CN=scep.example.test\"} 67090118400"),
+        scrape.contains(
+            "{role=\"listener\",server=\"\",subject=\"CN=scep.example.test\"} 67090118400"
+        ),
         "{scrape}"
     );
     assert!(
-        scrape.contains("{role=\"upstream_tls\",subject=\"CN=ndes.corp.test\"} 67090118400"),
+        scrape.contains(&format!("{{role=\"upstream_tls\",server=\"{server}\",subject=\"CN=ndes.corp.test\"}} 67090118400")),
         "{scrape}"
     );
     assert!(scrape.contains("role=\"ca\""), "{scrape}");
     // NDES answers GetCACaps (upstream_ready 1) and still the gateway is not ready: the RA
     // certificate has expired.
-    assert!(scrape.contains("ndes_gateway_upstream_ready 1"), "{scrape}");
+    assert!(scrape.contains(&ready), "{scrape}");
     assert!(!gw.readiness.is_ready());
 }

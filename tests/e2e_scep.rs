@@ -4,16 +4,12 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use base64::Engine;
 use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
 use ndes_gateway::config::Config;
 use ndes_gateway::dev::demo::{self, ScepServer};
 use ndes_gateway::Gateway;
-use tokio::io::AsyncWriteExt;
 
 struct Chain {
     dir: tempfile::TempDir,
@@ -62,19 +58,6 @@ impl Chain {
             .filter(|n| n.starts_with(&format!("{cn}.")) && n.ends_with(".pem"))
             .collect()
     }
-}
-
-/// GET over plain HTTP/1.1 straight to scepserver.
-async fn direct_get(port: u16, target: &str) -> RawResponse {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(
-        format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    read_response(&mut s).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,57 +113,17 @@ async fn get_ca_cert_through_the_gateway_is_byte_identical_to_direct() {
     }
 }
 
-/// Percent-encodes every byte that is not unreserved (RFC 3986), as certmonger does.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A PKCSReq made by scepclient, captured by a stand-in CA that hands out the real CA certificate
-/// and records the POST body instead of answering it.
+/// A PKCSReq made by scepclient for the chain's CA.
 async fn record_pkcsreq(chain: &Chain, cn: &str) -> Bytes {
     let ca = direct_get(chain.scep.port, "/scep?operation=GetCACert&message=ca").await;
     assert_eq!(ca.status_line, "HTTP/1.1 200 OK");
-    let ca_der = Bytes::from(ca.body);
-    let recorded: Arc<Mutex<Option<Bytes>>> = Arc::default();
-    let rec = recorded.clone();
-    let recorder = Upstream::start(
-        None,
-        Arc::new(move |seen: &Seen| {
-            let resp = http::Response::builder();
-            if seen.target.contains("GetCACert") {
-                resp.header("content-type", "application/x-x509-ca-cert")
-                    .body(Full::new(ca_der.clone()))
-            } else if seen.target.contains("GetCACaps") {
-                resp.header("content-type", "text/plain")
-                    .body(Full::new(Bytes::from_static(
-                        b"POSTPKIOperation\nSHA-256\nAES\n",
-                    )))
-            } else {
-                *rec.lock().unwrap() = Some(seen.body.clone());
-                resp.status(500)
-                    .body(Full::new(Bytes::from_static(b"recorded")))
-            }
-            .unwrap()
-        }),
-    )
-    .await;
-    let url = format!("http://127.0.0.1:{}/scep", recorder.addr.port());
-    let _ = demo::enrol(
+    pkcsreq_for(
         &chain.dir.path().join("recording"),
-        &url,
         &chain.pki.root,
+        Bytes::from(ca.body),
         cn,
     )
-    .await;
-    let body = recorded.lock().unwrap().clone();
-    body.expect("scepclient posted no PKCSReq")
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,11 +232,7 @@ async fn through(answer: &'static [u8], close: bool) -> (RawResponse, RawUpstrea
 }
 
 fn metric(gw: &Gateway, series: &str) -> f64 {
-    gw.metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(f64::NAN)
+    series_sum(&gw.metrics.render(), series)
 }
 
 #[tokio::test]

@@ -41,6 +41,12 @@ fn assert_has(scrape: &str, line: &str) {
     assert!(scrape.contains(line), "{line} is not in:\n{scrape}");
 }
 
+/// `upstream_errors_total` of `kind`, over every NDES server.
+fn assert_upstream_errors(scrape: &str, kind: &str, count: u32) {
+    let series = format!("ndes_gateway_upstream_errors_total{{kind=\"{kind}\"}}");
+    assert_eq!(series_sum(scrape, &series), f64::from(count), "{scrape}");
+}
+
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
     while !done() {
@@ -118,10 +124,7 @@ async fn ndes_closing_each_connection_after_its_answer_costs_no_getcacaps() {
     // Every answer ended its connection: the gateway opened one per request, or more.
     assert!(ndes.connections.load(Ordering::SeqCst) >= 200);
     let scrape = gateway.metrics.render();
-    assert_has(
-        &scrape,
-        "ndes_gateway_upstream_errors_total{kind=\"protocol\"} 0",
-    );
+    assert_upstream_errors(&scrape, "protocol", 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,10 +150,7 @@ async fn ndes_closing_each_connection_after_its_answer_costs_no_enrolment() {
     }
     let scrape = gateway.metrics.render();
     assert_has(&scrape, "ndes_gateway_scep_messages_total{fail_info=\"none\",message_type=\"PKCSReq\",pki_status=\"SUCCESS\"} 20");
-    assert_has(
-        &scrape,
-        "ndes_gateway_upstream_errors_total{kind=\"protocol\"} 0",
-    );
+    assert_upstream_errors(&scrape, "protocol", 0);
 }
 
 /// The readiness probe has a slot of its own: a replica whose `max_in_flight` requests all wait
@@ -160,7 +160,7 @@ async fn readiness_holds_while_every_in_flight_slot_waits_on_ndes() {
     let pki = Pki::new();
     let (upstream, gateway) = upstream_and_gateway(
         &pki,
-        "max_in_flight = 2\nconnect_timeout = \"10s\"\n[admin]\naddr = \"127.0.0.1:0\"\nprobe_interval = \"100ms\"\nprobe_timeout = \"1s\"\n",
+        "max_in_flight = 2\nqueue_timeout = \"10s\"\n[admin]\naddr = \"127.0.0.1:0\"\nprobe_interval = \"100ms\"\nprobe_timeout = \"1s\"\n",
     )
     .await;
     let readiness = gateway.readiness.clone();
@@ -213,10 +213,10 @@ async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_counted_as_busy_and_forwards_nothing() {
     let pki = Pki::new();
-    // The queue's wait is upstream.connect_timeout.
+    // The queue's wait is upstream.queue_timeout.
     let (upstream, gateway) = upstream_and_gateway(
         &pki,
-        "max_in_flight = 1\nconnect_timeout = \"500ms\"\n[admin]\nenabled = false\n",
+        "max_in_flight = 1\nqueue_timeout = \"500ms\"\n[admin]\nenabled = false\n",
     )
     .await;
     let addr = gateway.local_addr();
@@ -247,10 +247,7 @@ async fn a_full_queue_answers_503_counted_as_busy_and_forwards_nothing() {
         "the refused request reached NDES"
     );
     let scrape = gateway.metrics.render();
-    assert_has(
-        &scrape,
-        "ndes_gateway_upstream_errors_total{kind=\"busy\"} 1",
-    );
+    assert_upstream_errors(&scrape, "busy", 1);
     assert_has(
         &scrape,
         "ndes_gateway_requests_total{method=\"GET\",operation=\"GetCACaps\",status=\"503\"} 1",
@@ -626,7 +623,7 @@ async fn sighup_reloads_certificate_and_pins_and_tells_systemd() {
     let scrape = admin_get(served.admin, "/metrics").await;
     assert_has(
         &scrape,
-        "role=\"listener\",subject=\"CN=scep.example.test\"",
+        "role=\"listener\",server=\"\",subject=\"CN=scep.example.test\"",
     );
 
     served_config(
@@ -655,7 +652,7 @@ async fn sighup_reloads_certificate_and_pins_and_tells_systemd() {
     let scrape = admin_get(served.admin, "/metrics").await;
     assert_has(
         &scrape,
-        "role=\"listener\",subject=\"CN=rotated.example.test\"",
+        "role=\"listener\",server=\"\",subject=\"CN=rotated.example.test\"",
     );
     assert!(!scrape.contains("CN=scep.example.test"), "{scrape}");
     for target in ["config", "listener", "upstream_trust"] {

@@ -314,9 +314,9 @@ async fn stalled_http2_streams_are_reset_and_ndes_is_not_held() {
     let mut config = gateway_config(
         &pki,
         upstream.addr,
-        // The wait for a slot is connect_timeout: room for 68 requests through 4 slots on a
+        // The wait for a slot is queue_timeout: room for 68 requests through 4 slots on a
         // loaded machine.
-        &format!("pool_max_idle = 4\nmax_in_flight = {IN_FLIGHT}\nconnect_timeout = \"20s\""),
+        &format!("pool_max_idle = 4\nmax_in_flight = {IN_FLIGHT}\nqueue_timeout = \"20s\""),
         // Room for that wait in the request's own deadline.
         "request_timeout = \"300s\"",
     );
@@ -631,12 +631,12 @@ async fn a_trickling_reader_is_cut_at_the_request_deadline() {
         Arc::new(|_: &Seen| http::Response::new(Full::new(Bytes::from(vec![b'x'; BIG])))),
     )
     .await;
-    // The smallest deadline the config takes: body 1 s + 2 x connect 1 s + response 1 s. The
-    // send timeout stays far beyond it.
+    // The smallest deadline the config takes: body 1 s + queue 1 s + connect 1 s + response
+    // 1 s. The send timeout stays far beyond it.
     let config = gateway_config(
         &pki,
         upstream.addr,
-        "max_response_bytes = 16777216\nconnect_timeout = \"1s\"\nresponse_timeout = \"1s\"",
+        "max_response_bytes = 16777216\nqueue_timeout = \"1s\"\nconnect_timeout = \"1s\"\nresponse_timeout = \"1s\"",
         "body_timeout = \"1s\"\nrequest_timeout = \"4s\"",
     );
     let gw = Gateway::start(&config).await.unwrap();

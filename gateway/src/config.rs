@@ -70,6 +70,16 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const POOL_MAX_IDLE: usize = 256;
 /// Microsoft's sizing guide puts one NDES server at about 300 concurrent requests.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// PKIOperations one NDES server works on at once. Each holds an IIS worker thread while NDES
+/// waits on Intune and the CA; a renewal storm past this waits in the queue rather than piling
+/// onto NDES until it times out everyone.
+pub const MAX_PKIOPERATIONS_PER_SERVER: usize = 32;
+/// PKIOperations waiting for one of those slots, over all servers; past it a request gets 503 at
+/// once with Retry-After, and the device comes back later.
+pub const PKIOPERATION_QUEUE: usize = 256;
+/// GetCACaps and GetCACert answers change only when NDES's certificates do, and clients ask for
+/// them before every PKIOperation: a minute's reuse halves the requests NDES sees.
+pub const CACHE_TTL: Duration = Duration::from_secs(60);
 /// The admin listener stays on the host unless the operator moves it to the management network.
 pub const ADMIN_ADDR: &str = "127.0.0.1:9180";
 /// Readiness follows NDES within two probes; GetCACaps costs NDES next to nothing.
@@ -121,11 +131,10 @@ struct RequiredListenKeys {
     acme: Option<IgnoredAny>,
 }
 
+/// `url` is required unless `[[upstream.server]]` entries name the servers; `validate` says so.
 #[derive(Deserialize)]
 #[allow(dead_code)]
-struct RequiredUpstreamKeys {
-    url: IgnoredAny,
-}
+struct RequiredUpstreamKeys {}
 
 /// What to do when the RA certificates NDES hands out have expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -367,7 +376,9 @@ impl AcmeConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// The full SCEP URL of NDES, path included.
+    /// The full SCEP URL of NDES, path included: the one-server form. Several servers are
+    /// `[[upstream.server]]` entries instead.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub url: String,
     /// PEM file of the trust anchors for the NDES certificate; the system roots are never used.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -387,14 +398,75 @@ pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
-    /// Requests sent to NDES at once; more wait up to connect_timeout, then get 503.
+    /// Requests sent to one NDES server at once; more wait up to queue_timeout, then get 503.
     pub max_in_flight: usize,
+    /// How long a request may wait for a slot (max_in_flight, max_pkioperations_per_server).
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// PKIOperations one server works on at once.
+    pub max_pkioperations_per_server: usize,
+    /// PKIOperations waiting for a slot, over all servers; past it: 503 with Retry-After.
+    pub pkioperation_queue: usize,
+    /// GetCACaps and GetCACert answers kept per server; 0 turns the cache off.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
     /// NDES's answer is read whole, up to this many bytes, before the client is written to; a
     /// larger answer is a 502.
     pub max_response_bytes: usize,
     /// Request header names forwarded to NDES beside the fixed allowlist (Content-Type,
     /// User-Agent, Accept; Host, Content-Length and X-Forwarded-* are the gateway's own).
     pub forward_headers: Vec<String>,
+    /// Several NDES servers behind the one public name (`[[upstream.server]]`).
+    #[serde(rename = "server", skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<ServerConfig>,
+}
+
+/// One NDES server of several: where it is and the name its certificate carries. Trust, timeouts
+/// and limits are the `[upstream]` ones, shared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_header: Option<String>,
+}
+
+impl UpstreamConfig {
+    /// Every NDES server, in the order given: the `[[upstream.server]]` entries, or the one
+    /// `[upstream] url`.
+    pub fn server_list(&self) -> Vec<ServerConfig> {
+        if self.servers.is_empty() {
+            vec![ServerConfig {
+                url: self.url.clone(),
+                server_name: self.server_name.clone(),
+                host_header: self.host_header.clone(),
+            }]
+        } else {
+            self.servers.clone()
+        }
+    }
+
+    /// The `[upstream]` settings with `server`'s own in place of the one-server keys.
+    pub fn for_server(&self, server: &ServerConfig) -> UpstreamConfig {
+        UpstreamConfig {
+            url: server.url.clone(),
+            server_name: server.server_name.clone(),
+            host_header: server.host_header.clone(),
+            servers: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// What the log says NDES is: the URL, or the URLs.
+    pub fn describe(&self) -> String {
+        self.server_list()
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// `url` has no default (see `RequiredKeys`); the empty one only stands in for it in a config
@@ -412,8 +484,13 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: POOL_IDLE_TIMEOUT,
             pool_max_idle: POOL_MAX_IDLE,
             max_in_flight: MAX_IN_FLIGHT,
+            queue_timeout: CONNECT_TIMEOUT,
+            max_pkioperations_per_server: MAX_PKIOPERATIONS_PER_SERVER,
+            pkioperation_queue: PKIOPERATION_QUEUE,
+            cache_ttl: CACHE_TTL,
             max_response_bytes: MAX_RESPONSE_BYTES,
             forward_headers: Vec::new(),
+            servers: Vec::new(),
         }
     }
 }
@@ -623,6 +700,8 @@ impl Config {
                 self.upstream.pool_idle_timeout,
                 true,
             ),
+            ("upstream.queue_timeout", self.upstream.queue_timeout, false),
+            ("upstream.cache_ttl", self.upstream.cache_ttl, true),
             ("admin.probe_interval", self.admin.probe_interval, false),
             ("admin.probe_timeout", self.admin.probe_timeout, false),
             (
@@ -641,12 +720,12 @@ impl Config {
         // The request's own deadline is a backstop: everything a request may wait for fits in
         // it, so it never cuts short what the other timeouts allow.
         let u = &self.upstream;
-        let needed = l.body_timeout + u.connect_timeout * 2 + u.response_timeout;
+        let needed = l.body_timeout + u.queue_timeout + u.connect_timeout + u.response_timeout;
         if l.request_timeout < needed {
             return bad(
                 "limits.request_timeout",
                 format!(
-                    "{} is shorter than limits.body_timeout + 2 x upstream.connect_timeout (queue and connect) + upstream.response_timeout = {}; raise it",
+                    "{} is shorter than limits.body_timeout + upstream.queue_timeout + upstream.connect_timeout + upstream.response_timeout = {}; raise it",
                     humantime::format_duration(l.request_timeout),
                     humantime::format_duration(needed)
                 ),
@@ -694,6 +773,21 @@ impl Config {
                 ),
             );
         }
+        for (key, n) in [
+            (
+                "upstream.max_pkioperations_per_server",
+                self.upstream.max_pkioperations_per_server,
+            ),
+            (
+                "upstream.pkioperation_queue",
+                self.upstream.pkioperation_queue,
+            ),
+        ] {
+            if !(1..=1_000_000).contains(&n) {
+                return bad(key, format!("{n} is out of range: 1 to 1000000"));
+            }
+        }
+        self.validate_servers()?;
         if !(1..=10_000_000).contains(&self.listen.max_connections) {
             return bad(
                 "listen.max_connections",
@@ -708,6 +802,52 @@ impl Config {
                 "listen.max_concurrent_streams",
                 "must be at least 1".to_owned(),
             );
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// One server by `url`, or several by `[[upstream.server]]`, never both; each server once.
+    fn validate_servers(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        if u.servers.is_empty() {
+            if u.url.is_empty() {
+                return Err(ConfigError(
+                    "upstream: missing field `url` (NDES's SCEP URL, e.g. https://ndes01.corp.contoso.com/certsrv/mscep/mscep.dll), or [[upstream.server]] entries for several NDES servers".to_owned(),
+                ));
+            }
+            return Ok(());
+        }
+        if !u.url.is_empty() {
+            return Err(ConfigError(
+                "upstream.url and [[upstream.server]] are both set: give one NDES server by upstream.url, or several as [[upstream.server]] entries, not both".to_owned(),
+            ));
+        }
+        let shared_name = [
+            ("server_name", u.server_name.is_some()),
+            ("host_header", u.host_header.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(key, set)| set.then_some(key));
+        if let Some(key) = shared_name {
+            return Err(ConfigError(format!(
+                "upstream.{key}: with [[upstream.server]] entries, set {key} on each entry that needs it"
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in u.servers.iter().enumerate() {
+            if s.url.is_empty() {
+                return Err(ConfigError(format!(
+                    "upstream.server[{i}]: missing field `url`"
+                )));
+            }
+            if !seen.insert(s.url.trim_end_matches('/').to_ascii_lowercase()) {
+                return Err(ConfigError(format!(
+                    "upstream.server[{i}]: {} is listed twice",
+                    s.url
+                )));
+            }
         }
         Ok(())
     }
@@ -825,6 +965,54 @@ mod tests {
             let err = Config::parse(&text).unwrap_err().to_string();
             assert!(err.contains(&format!("missing field `{key}`")), "{err}");
         }
+    }
+
+    #[test]
+    fn several_servers_are_entries_and_never_beside_url() {
+        let servers = MINIMAL.replace(
+            "url = \"https://ndes.corp.test/certsrv/mscep/mscep.dll\"",
+            "[[upstream.server]]\nurl = \"https://ndes01.corp.test/certsrv/mscep/mscep.dll\"\n[[upstream.server]]\nurl = \"https://ndes02.corp.test/certsrv/mscep/mscep.dll\"\nserver_name = \"ndes02.corp.test\"",
+        );
+        // `ca` follows the entries in MINIMAL: put it back under [upstream].
+        let servers = servers
+            .replace("        ca = \"root.pem\"\n", "")
+            .replace("[upstream]", "[upstream]\nca = \"root.pem\"");
+        let c = Config::parse(&servers).unwrap();
+        let list = c.upstream.server_list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1].server_name.as_deref(), Some("ndes02.corp.test"));
+        assert_eq!(c.upstream.for_server(&list[0]).ca, c.upstream.ca);
+
+        let both = servers.replace(
+            "[upstream]\n",
+            "[upstream]\nurl = \"https://ndes.corp.test/certsrv/mscep/mscep.dll\"\n",
+        );
+        let err = Config::parse(&both).unwrap_err().to_string();
+        assert!(
+            err.contains("upstream.url and [[upstream.server]] are both set"),
+            "{err}"
+        );
+
+        let shared_name = servers.replace("[upstream]\n", "[upstream]\nserver_name = \"x\"\n");
+        let err = Config::parse(&shared_name).unwrap_err().to_string();
+        assert!(
+            err.starts_with("upstream.server_name: with [[upstream.server]]"),
+            "{err}"
+        );
+
+        let twice = servers.replace("ndes02.corp.test/certsrv", "ndes01.corp.test/certsrv");
+        let err = Config::parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("upstream.server[1]") && err.contains("listed twice"),
+            "{err}"
+        );
+
+        let no_url = servers.replace(
+            "url = \"https://ndes01.corp.test/certsrv/mscep/mscep.dll\"",
+            "",
+        );
+        let err = Config::parse(&no_url).unwrap_err().to_string();
+        assert!(err.contains("missing field `url`"), "{err}");
     }
 
     #[test]

@@ -48,7 +48,8 @@ use crate::pipeline::filter::RequestLimits;
 use crate::pipeline::proxy;
 use crate::pipeline::proxy::Proxy;
 use crate::pipeline::ratelimit::RateLimits;
-use crate::upstream::{Upstream, UpstreamTarget};
+use crate::upstream::cluster::Cluster;
+use crate::upstream::UpstreamTarget;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (what systemd, Docker and Kubernetes send): both
 /// stop the process the same orderly way, children included. The handlers are installed when
@@ -93,7 +94,8 @@ pub struct Prepared {
     pub config: Config,
     pub certificate: Arc<tls::ListenerCertificate>,
     pub tls: Arc<rustls::ServerConfig>,
-    pub target: UpstreamTarget,
+    /// One per NDES server, in the config's order.
+    pub targets: Vec<UpstreamTarget>,
     /// With `[listen.acme]`: what the renewal loop needs; the certificate is the stored one, or
     /// none yet.
     pub acme: Option<ops::acme::AcmeSetup>,
@@ -123,12 +125,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
         .as_ref()
         .is_some_and(ops::acme::answers_on_listener);
     let tls = tls::server_config(certificate.clone(), config.listen.http2, acme_tls_alpn)?;
-    let target = UpstreamTarget::from_config(&config.upstream)?;
+    let targets = Cluster::targets(&config.upstream)?;
     Ok(Prepared {
         config: config.clone(),
         certificate,
         tls,
-        target,
+        targets,
         acme,
     })
 }
@@ -156,10 +158,10 @@ impl Gateway {
             Some(addr) => Some(ops::acme::challenge::bind_http01(addr).await?),
             None => None,
         };
-        if prepared.target.tls.is_none() {
+        for target in prepared.targets.iter().filter(|t| t.tls.is_none()) {
             tracing::warn!(
                 target: "ndes_gateway::upstream",
-                url = %config.upstream.url,
+                server = %target.authority,
                 "upstream is plain http:// on loopback: only for a SCEP server on this host"
             );
         }
@@ -181,23 +183,27 @@ impl Gateway {
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let metrics = Arc::new(Metrics::new());
+        let cluster = Arc::new(Cluster::new(
+            prepared.targets,
+            &config.upstream,
+            metrics.clone(),
+            config.admin.probe_interval,
+        )?);
+        let labels: Vec<&str> = cluster.servers.iter().map(|s| s.label.as_str()).collect();
         metrics.start_at_zero(
             pipeline::filter::RejectReason::ALL
                 .iter()
                 .map(|r| r.label()),
-            upstream::UpstreamErrorKind::ALL.iter().map(|k| k.label()),
+            &upstream::UpstreamErrorKind::ALL.map(|k| k.label()),
+            &labels,
             [upstream::RETRY_UNSENT, upstream::RETRY_NO_ANSWER],
         );
         let readiness = Arc::new(Readiness::default());
-        let upstream = Arc::new(
-            Upstream::new(prepared.target, &config.upstream)
-                .counting_retries(metrics.upstream_retries_total.clone()),
-        );
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limit));
         let proxy = Arc::new(Proxy::new(
             RequestLimits::from(&config.limits),
             config.limits.body_timeout,
-            upstream.clone(),
+            cluster.clone(),
             metrics.clone(),
             rate_limits.clone(),
             trusted_proxies,
@@ -231,6 +237,8 @@ impl Gateway {
             };
             tasks.spawn(acme.run(stop.clone()));
         }
+        // With several servers the probes and the RA sets steer every request, admin or not.
+        let watching = admin_listener.is_some() || cluster.is_many();
         if let Some(l) = admin_listener {
             tasks.spawn(admin::serve(
                 l,
@@ -238,8 +246,10 @@ impl Gateway {
                 readiness.clone(),
                 stop.clone(),
             ));
+        }
+        if watching {
             let watch = certwatch::CertWatch {
-                upstream: upstream.clone(),
+                cluster: cluster.clone(),
                 readiness: readiness.clone(),
                 listener: prepared.certificate.clone(),
                 expiry: expiry.clone(),
@@ -248,9 +258,8 @@ impl Gateway {
             };
             tasks.spawn(watch.run(stop.clone()));
             tasks.spawn(admin::probe_loop(
-                upstream.clone(),
+                cluster.clone(),
                 readiness.clone(),
-                metrics.clone(),
                 config.admin.probe_interval,
                 config.admin.probe_timeout,
                 stop.clone(),
@@ -264,7 +273,7 @@ impl Gateway {
                 certificate: prepared.certificate.clone(),
                 config: config.clone(),
                 path: config.source.clone(),
-                upstream: upstream.clone(),
+                cluster: cluster.clone(),
                 metrics: metrics.clone(),
                 expiry,
                 hangup,
@@ -299,7 +308,7 @@ impl Gateway {
             target: "ndes_gateway",
             addr = %local_addr,
             admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
-            upstream = %config.upstream.url,
+            upstream = %config.upstream.describe(),
             "listening"
         );
         Ok(Gateway {

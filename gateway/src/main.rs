@@ -64,6 +64,11 @@ enum Command {
         /// Stop after the enrolment instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
+        /// NDES hosts behind the gateway, each with its own CA and RA key: with 2 or more, the
+        /// demo enrols until every one has issued a certificate, each PKIOperation routed to the
+        /// host it is encrypted to.
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=4))]
+        ndes: u8,
     },
 }
 
@@ -125,12 +130,17 @@ fn main() -> ExitCode {
             return runtime.block_on(doctor(config, json, public_name));
         }
         Command::Certs { command } => runtime.block_on(certs(command)),
-        Command::Demo { dir, listen, once } => {
+        Command::Demo {
+            dir,
+            listen,
+            once,
+            ndes,
+        } => {
             logging::init(&ndes_gateway::config::LogConfig {
                 level: "warn,ndes_gateway::access=info".to_owned(),
                 ..Default::default()
             });
-            runtime.block_on(demo(dir, listen, once))
+            runtime.block_on(demo(dir, listen, once, ndes))
         }
     };
     match result {
@@ -202,9 +212,20 @@ async fn certs(command: CertsCommand) -> Result<(), String> {
 }
 
 #[cfg(feature = "dev")]
-async fn demo(dir: Option<PathBuf>, listen: SocketAddr, once: bool) -> Result<(), String> {
+async fn demo(
+    dir: Option<PathBuf>,
+    listen: SocketAddr,
+    once: bool,
+    ndes: u8,
+) -> Result<(), String> {
     use ndes_gateway::dev::demo;
-    demo::run(demo::DemoOptions { dir, listen, once }).await
+    demo::run(demo::DemoOptions {
+        dir,
+        listen,
+        once,
+        ndes: usize::from(ndes),
+    })
+    .await
 }
 
 #[cfg(feature = "dev")]
@@ -223,7 +244,7 @@ fn dev_pki(out: &std::path::Path) -> Result<(), String> {
 const NO_DEV: &str = "this build has no demo and no development PKI (built without the `dev` feature): run `bash scripts/demo.sh` from the source, or build with `cargo build --features dev`";
 
 #[cfg(not(feature = "dev"))]
-async fn demo(_: Option<PathBuf>, _: SocketAddr, _: bool) -> Result<(), String> {
+async fn demo(_: Option<PathBuf>, _: SocketAddr, _: bool, _: u8) -> Result<(), String> {
     Err(NO_DEV.to_owned())
 }
 
@@ -325,7 +346,6 @@ fn effective_settings(prepared: &Prepared) -> Result<String, String> {
 /// found in the certificate and key, and what the upstream settings come to.
 fn notes(prepared: &Prepared) -> Result<Vec<(&'static str, &'static str, String)>, String> {
     let c = &prepared.config;
-    let target = &prepared.target;
     let mut notes = match &prepared.acme {
         None => {
             let (subject, _, not_after) = ndes_gateway::tls::describe_certificate(&c.listen.cert)?;
@@ -354,7 +374,12 @@ fn notes(prepared: &Prepared) -> Result<Vec<(&'static str, &'static str, String)
             )]
         }
     };
-    if target.tls.is_none() {
+    // With several servers, what each one's entry leaves unset is its own; noted for one only.
+    let single = match prepared.targets.as_slice() {
+        [target] if c.upstream.servers.is_empty() => Some(target),
+        _ => None,
+    };
+    if single.is_some_and(|t| t.tls.is_none()) {
         notes.push((
             "upstream",
             "url",
@@ -371,15 +396,17 @@ fn notes(prepared: &Prepared) -> Result<Vec<(&'static str, &'static str, String)
         "url"
     };
     let quoted = |text: &str| toml_edit::Value::from(text).to_string();
-    if c.upstream.server_name.is_none() {
-        let name = quoted(target.server_name.to_str().as_ref());
-        let note = format!("\n# server_name = {name} (unset: the host of url)");
-        notes.push(("upstream", unset_after, note));
-    }
-    if c.upstream.host_header.is_none() {
-        let host = quoted(target.host_header.to_str().unwrap_or(""));
-        let note = format!("\n# host_header = {host} (unset: server_name)");
-        notes.push(("upstream", unset_after, note));
+    if let Some(target) = single {
+        if c.upstream.server_name.is_none() {
+            let name = quoted(target.server_name.to_str().as_ref());
+            let note = format!("\n# server_name = {name} (unset: the host of url)");
+            notes.push(("upstream", unset_after, note));
+        }
+        if c.upstream.host_header.is_none() {
+            let host = quoted(target.host_header.to_str().unwrap_or(""));
+            let note = format!("\n# host_header = {host} (unset: server_name)");
+            notes.push(("upstream", unset_after, note));
+        }
     }
     let forward = ForwardHeaders::parse(&c.upstream.forward_headers).map_err(|e| e.to_string())?;
     let reach = forward.effective().join(", ");

@@ -36,7 +36,12 @@ pub struct Metrics {
     pub connections_refused_total: IntCounterVec,
     pub tls_handshake_failures_total: IntCounter,
     pub request_target_bytes: Histogram,
-    pub upstream_ready: IntGauge,
+    pub upstream_ready: IntGaugeVec,
+    pub upstream_requests_total: IntCounterVec,
+    pub cache_requests_total: IntCounterVec,
+    pub pkioperation_queue_depth: IntGauge,
+    pub pkioperations_shed_total: IntCounterVec,
+    pub scep_routing_total: IntCounterVec,
     pub scep_messages_total: IntCounterVec,
     pub scep_parse_errors_total: IntCounterVec,
     pub certificate_expiry_timestamp_seconds: IntGaugeVec,
@@ -71,10 +76,10 @@ impl Metrics {
         let upstream_duration_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "upstream_duration_seconds",
-                "Time NDES took to answer, by SCEP operation.",
+                "Time NDES took to answer, by SCEP operation and NDES server.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &["operation"],
+            &["operation", "server"],
         )?;
         let rejected_total = IntCounterVec::new(
             Opts::new(
@@ -86,9 +91,9 @@ impl Metrics {
         let upstream_errors_total = IntCounterVec::new(
             Opts::new(
                 "upstream_errors_total",
-                "Requests NDES could not answer, by kind of failure.",
+                "Requests an NDES server could not answer, by kind of failure and server (a request that went on to another server counts at each).",
             ),
-            &["kind"],
+            &["kind", "server"],
         )?;
         let connections_active =
             IntGauge::new("connections_active", "Client connections open now.")?;
@@ -116,9 +121,44 @@ impl Metrics {
             )
             .buckets(TARGET_BYTES_BUCKETS.to_vec()),
         )?;
-        let upstream_ready = IntGauge::new(
-            "upstream_ready",
-            "1 when NDES answered the last GetCACaps probe with 200.",
+        let upstream_ready = IntGaugeVec::new(
+            Opts::new(
+                "upstream_ready",
+                "1 when the NDES server answered the last GetCACaps probe with 200, by server.",
+            ),
+            &["server"],
+        )?;
+        let upstream_requests_total = IntCounterVec::new(
+            Opts::new(
+                "upstream_requests_total",
+                "Requests answered by an NDES server, by SCEP operation, server and status.",
+            ),
+            &["operation", "server", "status"],
+        )?;
+        let cache_requests_total = IntCounterVec::new(
+            Opts::new(
+                "cache_requests_total",
+                "GetCACaps and GetCACert answers looked up in the cache (upstream.cache_ttl), by operation and result (hit, miss).",
+            ),
+            &["operation", "result"],
+        )?;
+        let pkioperation_queue_depth = IntGauge::new(
+            "pkioperation_queue_depth",
+            "PKIOperations waiting for a slot (upstream.max_pkioperations_per_server) now.",
+        )?;
+        let pkioperations_shed_total = IntCounterVec::new(
+            Opts::new(
+                "pkioperations_shed_total",
+                "PKIOperations answered 503 without reaching NDES, by reason: queue_full (upstream.pkioperation_queue), queue_timeout (no slot within upstream.queue_timeout).",
+            ),
+            &["reason"],
+        )?;
+        let scep_routing_total = IntCounterVec::new(
+            Opts::new(
+                "scep_routing_total",
+                "PKIOperations routed by their recipient with several NDES servers: matched (sent to the server holding the RA certificate), unmatched (no single server holds it: balanced), unavailable (that server is down: 503).",
+            ),
+            &["result"],
         )?;
         let scep_messages_total = IntCounterVec::new(
             Opts::new(
@@ -137,9 +177,9 @@ impl Metrics {
         let certificate_expiry_timestamp_seconds = IntGaugeVec::new(
             Opts::new(
                 "certificate_expiry_timestamp_seconds",
-                "notAfter of the certificates the service depends on, by role (ca, ra, listener, upstream_tls).",
+                "notAfter of the certificates the service depends on, by role (ca, ra, listener, upstream_tls), NDES server (empty for the listener's) and subject.",
             ),
-            &["role", "subject"],
+            &["role", "server", "subject"],
         )?;
         let reloads_total = IntCounterVec::new(
             Opts::new(
@@ -186,6 +226,11 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures_total.clone()))?;
         registry.register(Box::new(request_target_bytes.clone()))?;
         registry.register(Box::new(upstream_ready.clone()))?;
+        registry.register(Box::new(upstream_requests_total.clone()))?;
+        registry.register(Box::new(cache_requests_total.clone()))?;
+        registry.register(Box::new(pkioperation_queue_depth.clone()))?;
+        registry.register(Box::new(pkioperations_shed_total.clone()))?;
+        registry.register(Box::new(scep_routing_total.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(scep_messages_total.clone()))?;
         registry.register(Box::new(scep_parse_errors_total.clone()))?;
@@ -229,6 +274,11 @@ impl Metrics {
             tls_handshake_failures_total,
             request_target_bytes,
             upstream_ready,
+            upstream_requests_total,
+            cache_requests_total,
+            pkioperation_queue_depth,
+            pkioperations_shed_total,
+            scep_routing_total,
             scep_messages_total,
             scep_parse_errors_total,
             certificate_expiry_timestamp_seconds,
@@ -245,14 +295,22 @@ impl Metrics {
     pub fn start_at_zero<'a>(
         &self,
         rejected: impl IntoIterator<Item = &'a str>,
-        upstream_errors: impl IntoIterator<Item = &'a str>,
+        upstream_errors: &[&'a str],
+        servers: &[&'a str],
         retries: impl IntoIterator<Item = &'a str>,
     ) {
         for reason in rejected {
             self.rejected_total.with_label_values(&[reason]);
         }
-        for kind in upstream_errors {
-            self.upstream_errors_total.with_label_values(&[kind]);
+        for server in servers {
+            for kind in upstream_errors {
+                self.upstream_errors_total
+                    .with_label_values(&[kind, server]);
+            }
+            self.upstream_ready.with_label_values(&[server]);
+        }
+        for reason in ["queue_full", "queue_timeout"] {
+            self.pkioperations_shed_total.with_label_values(&[reason]);
         }
         for reason in retries {
             self.upstream_retries_total.with_label_values(&[reason]);

@@ -256,6 +256,7 @@ key = {key:?}
 url = "https://{upstream}{SCEP}"
 ca = {ca:?}
 server_name = "{ndes}"
+{cache}
 {upstream_extra}
 [limits]
 {limits_extra}
@@ -267,6 +268,12 @@ enabled = false
         key = pki.pki.gateway_key.display().to_string(),
         ca = pki.root().display().to_string(),
         ndes = devpki::NDES_NAME,
+        // The recording upstream counts what reaches it: the cache would answer in its place.
+        cache = if upstream_extra.contains("cache_ttl") {
+            ""
+        } else {
+            "cache_ttl = \"0s\""
+        },
     );
     Config::parse(&text).unwrap()
 }
@@ -666,4 +673,87 @@ fn without_connection_close(answer: &[u8]) -> Vec<u8> {
     let mut out = kept.join("\r\n").into_bytes();
     out.extend_from_slice(&answer[head_end..]);
     out
+}
+
+/// The sum of every series in `scrape` named as `series` is and carrying at least its labels:
+/// `name{kind="busy"}` counts `name{kind="busy",server="..."}` for every server. NaN when none.
+pub fn series_sum(scrape: &str, series: &str) -> f64 {
+    let (name, wanted) = match series.split_once('{') {
+        Some((name, labels)) => (name, labels.trim_end_matches('}')),
+        None => (series, ""),
+    };
+    let wanted: Vec<&str> = wanted.split(',').filter(|l| !l.is_empty()).collect();
+    let mut found = None;
+    for line in scrape.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (line_name, labels) = match key.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (key, ""),
+        };
+        let labels: Vec<&str> = labels.split(',').collect();
+        if line_name == name && wanted.iter().all(|w| labels.contains(w)) {
+            if let Ok(v) = value.parse::<f64>() {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    found.unwrap_or(f64::NAN)
+}
+
+/// Percent-encodes every byte that is not unreserved (RFC 3986), as certmonger does.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A PKCSReq that scepclient made for the CA certificate `ca_der` (a GetCACert answer), caught
+/// by a stand-in CA that hands out that certificate and records the POST instead of answering it.
+/// scepclient runs in `dir`; `root` is the dev root it trusts.
+pub async fn pkcsreq_for(dir: &Path, root: &Path, ca_der: Bytes, cn: &str) -> Bytes {
+    let recorded: Arc<Mutex<Option<Bytes>>> = Arc::default();
+    let rec = recorded.clone();
+    let recorder = Upstream::start(
+        None,
+        Arc::new(move |seen: &Seen| {
+            let resp = Response::builder();
+            if seen.target.contains("GetCACert") {
+                resp.header("content-type", "application/x-x509-ca-cert")
+                    .body(Full::new(ca_der.clone()))
+            } else if seen.target.contains("GetCACaps") {
+                resp.header("content-type", "text/plain")
+                    .body(Full::new(Bytes::from_static(
+                        b"POSTPKIOperation\nSHA-256\nAES\n",
+                    )))
+            } else {
+                *rec.lock().unwrap() = Some(seen.body.clone());
+                resp.status(500)
+                    .body(Full::new(Bytes::from_static(b"recorded")))
+            }
+            .unwrap()
+        }),
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{}/scep", recorder.addr.port());
+    let _ = ndes_gateway::dev::demo::enrol(&dir.join(cn), &url, root, cn).await;
+    let body = recorded.lock().unwrap().clone();
+    body.expect("scepclient posted no PKCSReq")
+}
+
+/// GET over plain HTTP/1.1 straight to a local server (scepserver, say).
+pub async fn direct_get(port: u16, target: &str) -> RawResponse {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_response(&mut s).await
 }

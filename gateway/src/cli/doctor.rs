@@ -14,7 +14,8 @@ use x509_cert::Certificate;
 use crate::config::{AcmeConfig, Config};
 use crate::ops::acme::state::StateDir;
 use crate::ops::certwatch::{ca_and_ra, now_unix, Watched};
-use crate::upstream::{Upstream, UpstreamErrorKind, UpstreamTarget};
+use crate::upstream::cluster::Cluster;
+use crate::upstream::{Upstream, UpstreamErrorKind};
 
 /// Certificates that expire within this are flagged: time to renew, and to roll the change out.
 const EXPIRY_WARNING_SECS: u64 = 30 * 24 * 3600;
@@ -49,6 +50,8 @@ pub struct Finding {
     pub detail: String,
     /// What to change, in NDES, IIS or gateway terms; empty on a pass.
     pub fix: String,
+    /// The NDES server it is about (`host:port`), with several.
+    pub server: Option<String>,
 }
 
 fn finding(
@@ -62,6 +65,7 @@ fn finding(
         verdict,
         detail: detail.into(),
         fix: fix.into(),
+        server: None,
     }
 }
 
@@ -77,17 +81,154 @@ pub async fn run(config: &Config, public_name: Option<&str>) -> Vec<Finding> {
         Some(acme) => acme_checks(config, acme, public_name),
         None => listener_checks(config, public_name),
     };
-    match UpstreamTarget::from_config(&config.upstream) {
-        Ok(target) => {
-            out.extend(upstream_checks(Arc::new(Upstream::new(target, &config.upstream))).await)
+    let targets = match Cluster::targets(&config.upstream) {
+        Ok(targets) => targets,
+        Err(e) => {
+            out.push(finding(
+                "upstream_tls",
+                Verdict::Fail,
+                e.to_string(),
+                "fix [upstream] in the config",
+            ));
+            return out;
         }
-        Err(e) => out.push(finding(
-            "upstream_tls",
-            Verdict::Fail,
-            e.to_string(),
-            "fix [upstream] in the config",
-        )),
+    };
+    let many = targets.len() > 1;
+    let mut sets = Vec::new();
+    for (target, server) in targets.into_iter().zip(config.upstream.server_list()) {
+        let label = target.authority.to_string();
+        let upstream = Arc::new(Upstream::new(target, &config.upstream.for_server(&server)));
+        let mut findings = upstream_checks(upstream.clone()).await;
+        if many {
+            for f in &mut findings {
+                f.server = Some(label.clone());
+            }
+            sets.push((label, ca_cert_set(&upstream).await));
+        }
+        out.extend(findings);
     }
+    if many {
+        out.extend(compare_servers(&sets));
+    }
+    out
+}
+
+/// A server's GetCACert certificates as DER, CA and RA apart, sorted.
+struct CaSet {
+    ca: Vec<Vec<u8>>,
+    /// The certificates PKIOperations are encrypted to.
+    ra: Vec<Vec<u8>>,
+    /// How a PKIOperation names each of them: issuer and serial.
+    names: Vec<(crate::scep::Recipient, Vec<u8>)>,
+}
+
+/// `None` when the answer could not be read.
+async fn ca_cert_set(upstream: &Upstream) -> Option<CaSet> {
+    use der::Encode;
+    let a = upstream
+        .get_all(
+            "",
+            Some("operation=GetCACert&message=ndes-gateway-doctor"),
+            256 * 1024,
+        )
+        .await
+        .ok()
+        .filter(|a| a.status == 200)?;
+    let certs = crate::scep::parse_ca_certs(&a.body).ok()?;
+    let single = certs.len() == 1;
+    let mut set = CaSet {
+        ca: Vec::new(),
+        ra: Vec::new(),
+        names: Vec::new(),
+    };
+    for c in &certs {
+        let der = c.to_der().ok()?;
+        for name in crate::scep::Recipient::names_of(c) {
+            set.names.push((name, der.clone()));
+        }
+        if single || crate::scep::is_ca(c) {
+            set.ca.push(der);
+        } else {
+            set.ra.push(der);
+        }
+    }
+    // Without RA certificates (a plain SCEP CA) devices encrypt to the CA itself.
+    if set.ra.is_empty() {
+        set.ra.clone_from(&set.ca);
+    }
+    set.ca.sort();
+    set.ra.sort();
+    Some(set)
+}
+
+/// One public name should lead to one CA: servers whose CA certificates differ are a warning.
+/// RA certificates differ between NDES hosts by design; routing by recipient handles it, unless
+/// two different certificates carry the same issuer and serial number.
+fn compare_servers(sets: &[(String, Option<CaSet>)]) -> Vec<Finding> {
+    let read: Vec<(&String, &CaSet)> = sets
+        .iter()
+        .filter_map(|(label, set)| set.as_ref().map(|s| (label, s)))
+        .collect();
+    let Some((first_label, first)) = read.first() else {
+        return Vec::new();
+    };
+    let differ = |same: &dyn Fn(&CaSet) -> bool| {
+        read.iter()
+            .filter(|(_, s)| !same(s))
+            .map(|(l, _)| l.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ca_differ = differ(&|s| s.ca == first.ca);
+    let ra_differ = differ(&|s| s.ra == first.ra);
+    let mut out = Vec::new();
+    out.push(if ca_differ.is_empty() {
+        finding(
+            "servers_ca",
+            Verdict::Pass,
+            format!("the {} NDES servers hand out the same CA certificate", read.len()),
+            "",
+        )
+    } else {
+        finding(
+            "servers_ca",
+            Verdict::Warn,
+            format!(
+                "the CA certificates of {ca_differ} differ from those of {first_label}: devices get a different CA depending on the server"
+            ),
+            "one public name should lead to one CA: point every NDES server at the same issuing CA, or publish each CA under its own name",
+        )
+    });
+    let clash = read.iter().enumerate().find_map(|(i, (a_label, a))| {
+        read[i + 1..].iter().find_map(|(b_label, b)| {
+            a.names.iter().find_map(|(name, der)| {
+                b.names
+                    .iter()
+                    .any(|(n, d)| n == name && d != der)
+                    .then(|| format!("{a_label} and {b_label}"))
+            })
+        })
+    });
+    out.push(match clash {
+        Some(pair) => finding(
+            "servers_ra",
+            Verdict::Warn,
+            format!("{pair} hand out different certificates with the same issuer and serial number: a PKIOperation encrypted to one cannot be told from one encrypted to the other, and half of them fail"),
+            "give each NDES server RA certificates of its own, issued by the enterprise CA (each then has a serial number of its own)",
+        ),
+        None if ra_differ.is_empty() => finding(
+            "servers_ra",
+            Verdict::Pass,
+            "the NDES servers share their RA certificates: PKIOperations are balanced",
+            "",
+        ),
+        None => finding(
+            "servers_ra",
+            Verdict::Pass,
+            format!("the RA certificates of {ra_differ} differ from those of {first_label}: each PKIOperation goes to the server holding the RA key it is encrypted to"),
+            "",
+        ),
+    });
     out
 }
 
@@ -378,7 +519,7 @@ async fn upstream_checks(upstream: Arc<Upstream>) -> Vec<Finding> {
                 UpstreamErrorKind::TlsName => "set upstream.server_name to a name in the NDES certificate's SAN, or reissue it with the internal name",
                 UpstreamErrorKind::PinMismatch => "update upstream.spki_sha256 to the NDES certificate's current key (ndes-gateway certs pin --connect)",
                 UpstreamErrorKind::Timeout => "NDES did not answer in time: is IIS running and reachable?",
-                UpstreamErrorKind::Protocol | UpstreamErrorKind::Busy => "NDES answered in a way the gateway could not read",
+                UpstreamErrorKind::Protocol | UpstreamErrorKind::Busy | UpstreamErrorKind::Unavailable => "NDES answered in a way the gateway could not read",
                 UpstreamErrorKind::ResponseTooLarge => "NDES's answer is over upstream.max_response_bytes: raise it if that answer is right",
             };
             out.push(finding(
@@ -576,9 +717,13 @@ pub fn failed(findings: &[Finding]) -> bool {
 pub fn render_text(findings: &[Finding]) -> String {
     let mut out = String::new();
     for f in findings {
+        let server = f
+            .server
+            .as_ref()
+            .map_or(String::new(), |s| format!("[{s}] "));
         let _ = writeln!(
             out,
-            "{:<4}  {:<20} {}",
+            "{:<4}  {:<20} {server}{}",
             f.verdict.as_str(),
             f.check,
             f.detail
@@ -607,6 +752,7 @@ pub fn render_json(findings: &[Finding]) -> String {
                 "verdict": f.verdict.as_str(),
                 "detail": f.detail,
                 "fix": f.fix,
+                "server": f.server,
             })
         })
         .collect();

@@ -46,10 +46,26 @@ pub struct ScepServer {
 
 impl ScepServer {
     pub async fn start(dir: &Path) -> Result<ScepServer, String> {
+        Self::start_as(dir, "scep-ca").await
+    }
+
+    /// With its CA certificate's organization set: `ca -init` makes every CA "C=US, O=scep-ca,
+    /// OU=SCEP CA" with serial 1, and two CAs named alike cannot be told apart by the
+    /// issuerAndSerialNumber a PKIOperation names its recipient by. (Real NDES RA certificates,
+    /// issued by the enterprise CA, each have a serial of their own.)
+    pub async fn start_as(dir: &Path, organization: &str) -> Result<ScepServer, String> {
         let program = require_program("scepserver", "scep")?;
         let depot = dir.join("depot");
         let init = Command::new(&program)
-            .args(["ca", "-init", "-depot"])
+            .args([
+                "ca",
+                "-init",
+                "-keySize",
+                "2048",
+                "-organization",
+                organization,
+                "-depot",
+            ])
             .arg(&depot)
             .output()
             .await
@@ -228,6 +244,17 @@ pub fn public_config_text(
     listen: SocketAddr,
     ndes: SocketAddr,
 ) -> Result<String, String> {
+    public_config_text_for(pki, listen, &[ndes])
+}
+
+/// The same for several NDES hosts: one `[[upstream.server]]` entry each, the CA and the pin
+/// shared (the stand-ins present the same NDES certificate).
+pub fn public_config_text_for(
+    pki: &DevPki,
+    listen: SocketAddr,
+    ndes: &[SocketAddr],
+) -> Result<String, String> {
+    let first = ndes.first().ok_or("no NDES host")?;
     let ndes_pem =
         std::fs::read(&pki.ndes_cert).map_err(|e| format!("{}: {e}", pki.ndes_cert.display()))?;
     let der = rustls_pki_types::pem::PemObject::from_pem_slice(&ndes_pem)
@@ -238,10 +265,29 @@ pub fn public_config_text(
         .replace("{listen}", &listen.to_string())
         .replace("{gateway_cert}", &pki.gateway_cert.display().to_string())
         .replace("{gateway_key}", &pki.gateway_key.display().to_string())
-        .replace("{ndes}", &ndes.to_string())
+        .replace("{ndes}", &first.to_string())
         .replace("{root}", &pki.root.display().to_string())
         .replace("{pin}", &pin);
-    Ok(text)
+    if ndes.len() == 1 {
+        return Ok(text);
+    }
+    let entries: String = ndes
+        .iter()
+        .map(|addr| {
+            format!("[[upstream.server]]\nurl = \"https://{addr}/certsrv/mscep/mscep.dll\"\nserver_name = \"{NDES_NAME}\"\n\n")
+        })
+        .collect();
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with("url = ") && !l.starts_with("server_name = "))
+        .map(|l| {
+            if l == "[admin]" {
+                format!("{entries}{l}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect())
 }
 
 /// Runs scepclient in `dir` (it keeps state in the current folder) against `url`.
@@ -290,6 +336,8 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     /// Stop after the enrolment instead of waiting for Ctrl-C (for scripts).
     pub once: bool,
+    /// NDES hosts, each with its own CA (1 to 4).
+    pub ndes: usize,
 }
 
 pub async fn run(opts: DemoOptions) -> Result<(), String> {
@@ -306,8 +354,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     };
     let Running {
         public,
-        stand_in,
-        scep,
+        hosts,
         outcome,
     } = running;
     if outcome.is_ok() && !once {
@@ -316,16 +363,18 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         println!("stopping...");
     }
     public.shutdown().await;
-    stand_in.stop().await;
-    scep.stop().await;
+    for (stand_in, scep) in hosts {
+        stand_in.stop().await;
+        scep.stop().await;
+    }
     outcome
 }
 
 /// What the demo keeps running once the device has enrolled, or failed to.
 struct Running {
     public: Gateway,
-    stand_in: NdesStandIn,
-    scep: ScepServer,
+    /// Each NDES host: its stand-in and its CA.
+    hosts: Vec<(NdesStandIn, ScepServer)>,
     outcome: Result<(), String>,
 }
 
@@ -348,21 +397,33 @@ async fn start_and_enrol(opts: DemoOptions) -> Result<Running, String> {
         pki.root.display()
     );
 
-    let scep = ScepServer::start(&dir).await?;
-    println!(
-        "CA: micromdm scepserver on {} (challenge {CHALLENGE:?}), log {}",
-        scep.url(),
-        dir.join("scepserver.log").display()
-    );
+    let mut hosts = Vec::new();
+    for n in 1..=opts.ndes.max(1) {
+        // One host: the folder itself, as always. Several: a folder and a CA name each, so the
+        // hosts' CAs differ as NDES hosts' RA certificates do.
+        let (host_dir, organization) = if opts.ndes <= 1 {
+            (dir.clone(), "scep-ca".to_owned())
+        } else {
+            (dir.join(format!("ndes0{n}")), format!("ndes0{n}"))
+        };
+        std::fs::create_dir_all(&host_dir).map_err(|e| format!("{}: {e}", host_dir.display()))?;
+        let scep = ScepServer::start_as(&host_dir, &organization).await?;
+        println!(
+            "CA: micromdm scepserver on {} (challenge {CHALLENGE:?}), log {}",
+            scep.url(),
+            host_dir.join("scepserver.log").display()
+        );
+        let stand_in = NdesStandIn::start(&host_dir, &pki, &scep.url()).await?;
+        println!(
+            "NDES stand-in: https://{}/certsrv/mscep/mscep.dll (TLS as {NDES_NAME}) -> scepserver, log {}",
+            stand_in.addr,
+            stand_in.log.display()
+        );
+        hosts.push((stand_in, scep));
+    }
+    let addrs: Vec<SocketAddr> = hosts.iter().map(|(s, _)| s.addr).collect();
 
-    let stand_in = NdesStandIn::start(&dir, &pki, &scep.url()).await?;
-    println!(
-        "NDES stand-in: https://{}/certsrv/mscep/mscep.dll (TLS as {NDES_NAME}) -> scepserver, log {}",
-        stand_in.addr,
-        stand_in.log.display()
-    );
-
-    let text = public_config_text(&pki, opts.listen, stand_in.addr)?;
+    let text = public_config_text_for(&pki, opts.listen, &addrs)?;
     let config_path = dir.join("gateway.toml");
     std::fs::write(&config_path, &text).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let config = Config::load(&config_path).map_err(|e| e.to_string())?;
@@ -380,19 +441,11 @@ async fn start_and_enrol(opts: DemoOptions) -> Result<Running, String> {
     }
 
     println!("\nenrolling with scepclient through the gateway...");
-    let result = enrol(&dir.join("client"), &url, &pki.root, "demo-device").await;
-    let outcome = match result {
-        Ok(cert) => {
-            let (subject, issuer, not_after) = crate::tls::describe_certificate(&cert)?;
-            println!("enrolled: certificate {}", cert.display());
-            println!("  subject:   {subject}");
-            println!("  issuer:    {issuer}");
-            println!("  not after: {not_after}");
-            Ok(())
-        }
-        Err(e) => Err(format!("enrolment through the gateway failed: {e}")),
+    let outcome = if hosts.len() == 1 {
+        enrol_and_show(&dir.join("client"), &url, &pki.root, "demo-device").await
+    } else {
+        enrol_on_every_host(&dir, &url, &pki.root, &hosts).await
     };
-
     if outcome.is_ok() {
         let root = pki.root.display();
         println!(
@@ -413,13 +466,69 @@ included, is in {stand_in_log}.
                 .unwrap_or_else(|_| "ndes-gateway".to_owned()),
             port = addr.port(),
             config = config_path.display(),
-            stand_in_log = stand_in.log.display(),
+            stand_in_log = hosts
+                .iter()
+                .map(|(s, _)| s.log.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     Ok(Running {
         public,
-        stand_in,
-        scep,
+        hosts,
         outcome,
     })
+}
+
+/// One enrolment, and the certificate it gave.
+async fn enrol_and_show(dir: &Path, url: &str, root: &Path, cn: &str) -> Result<(), String> {
+    let cert = enrol(dir, url, root, cn)
+        .await
+        .map_err(|e| format!("enrolment through the gateway failed: {e}"))?;
+    let (subject, issuer, not_after) = crate::tls::describe_certificate(&cert)?;
+    println!("enrolled: certificate {}", cert.display());
+    println!("  subject:   {subject}");
+    println!("  issuer:    {issuer}");
+    println!("  not after: {not_after}");
+    Ok(())
+}
+
+/// Enrolments until every host has issued one (each is chosen by load, at random between equals),
+/// at most 8 per host: every one must succeed, whichever host its GetCACert came from.
+async fn enrol_on_every_host(
+    dir: &Path,
+    url: &str,
+    root: &Path,
+    hosts: &[(NdesStandIn, ScepServer)],
+) -> Result<(), String> {
+    let issued_by = |scep: &ScepServer| -> usize {
+        std::fs::read_dir(&scep.depot)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("demo-device-") && n.ends_with(".pem"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    for n in 1..=hosts.len() * 8 {
+        let cn = format!("demo-device-{n}");
+        let cert = enrol(&dir.join("clients").join(&cn), url, root, &cn)
+            .await
+            .map_err(|e| format!("enrolment {n} through the gateway failed: {e}"))?;
+        let (_, issuer, _) = crate::tls::describe_certificate(&cert)?;
+        println!("enrolled {cn}: issued by {issuer}");
+        let counts: Vec<usize> = hosts.iter().map(|(_, scep)| issued_by(scep)).collect();
+        if counts.iter().all(|&c| c > 0) {
+            println!(
+                "every NDES host issued (by host: {}): each PKIOperation went to the host holding its RA key",
+                counts
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return Ok(());
+        }
+    }
+    Err("an NDES host issued nothing: the gateway sent it no enrolment".to_owned())
 }

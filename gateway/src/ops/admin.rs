@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::upstream::cluster::Cluster;
 
 /// Whether the gateway should get traffic: its certificates are loaded (it would not run
 /// otherwise) and NDES answered the last GetCACaps probe with 200.
@@ -75,11 +75,11 @@ impl Readiness {
     }
 }
 
-/// Asks NDES for GetCACaps every `interval` until `stop`, and records the answer.
+/// Asks every NDES server for GetCACaps every `interval` until `stop`, and records the answers:
+/// each server's for the balancer, and the gateway's readiness, which holds while one is up.
 pub async fn probe_loop(
-    upstream: Arc<Upstream>,
+    cluster: Arc<Cluster>,
     readiness: Arc<Readiness>,
-    metrics: Arc<Metrics>,
     interval: Duration,
     timeout: Duration,
     stop: CancellationToken,
@@ -87,19 +87,42 @@ pub async fn probe_loop(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     readiness.set(false, "NDES not probed yet".to_owned());
+    let many = cluster.is_many();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let (ok, why) = match tokio::time::timeout(timeout, upstream.probe()).await {
-            Err(_) => (
-                false,
-                "GetCACaps probe timed out (admin.probe_timeout)".to_owned(),
-            ),
-            Ok(Ok(200)) => (true, String::new()),
-            Ok(Ok(status)) => (false, format!("NDES answered GetCACaps with {status}")),
-            Ok(Err(e)) => (false, format!("NDES failed the probe: {e}")),
+        let mut probes = tokio::task::JoinSet::new();
+        for server in &cluster.servers {
+            let server = server.clone();
+            probes.spawn(async move {
+                let (ok, why) = match tokio::time::timeout(timeout, server.upstream.probe()).await {
+                    Err(_) => (
+                        false,
+                        "GetCACaps probe timed out (admin.probe_timeout)".to_owned(),
+                    ),
+                    Ok(Ok(200)) => (true, String::new()),
+                    Ok(Ok(status)) => (false, format!("NDES answered GetCACaps with {status}")),
+                    Ok(Err(e)) => (false, format!("NDES failed the probe: {e}")),
+                };
+                if server.set_probe(ok, why.clone()) {
+                    if ok {
+                        tracing::info!(target: "ndes_gateway::ops::admin", server = %server.label, "NDES server ready: it answers GetCACaps");
+                    } else {
+                        tracing::warn!(target: "ndes_gateway::ops::admin", server = %server.label, reason = %why, "NDES server not ready");
+                    }
+                }
+            });
+        }
+        while probes.join_next().await.is_some() {}
+        let (ok, down) = cluster.readiness();
+        let why = if !many {
+            cluster.servers[0].why_down()
+        } else if ok {
+            format!("NDES servers down: {}", down.join("; "))
+        } else {
+            format!("no NDES server is ready: {}", down.join("; "))
         };
         if ok != readiness.upstream_ok() {
             if ok {
@@ -108,8 +131,7 @@ pub async fn probe_loop(
                 tracing::warn!(target: "ndes_gateway::ops::admin", reason = %why, "not ready");
             }
         }
-        metrics.upstream_ready.set(i64::from(ok));
-        readiness.set(ok, why);
+        readiness.set(ok, if down.is_empty() { String::new() } else { why });
     }
 }
 
@@ -179,7 +201,15 @@ fn answer(
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n".to_owned()),
-        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n".to_owned()),
+        "/readyz" if readiness.is_ready() => {
+            // Ready while one NDES server is: the others that are down are named.
+            let down = readiness.why_not();
+            if down.is_empty() {
+                text(StatusCode::OK, "ready\n".to_owned())
+            } else {
+                text(StatusCode::OK, format!("ready; {down}\n"))
+            }
+        }
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", readiness.why_not()),

@@ -5,17 +5,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use der::Decode;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use x509_cert::Certificate;
 
 use crate::config::ExpiredRa;
 use crate::metrics::Metrics;
 use crate::ops::admin::Readiness;
-use crate::scep::{is_ca, not_after_unix, parse_ca_certs};
 use crate::tls::ListenerCertificate;
-use crate::upstream::Upstream;
+use crate::upstream::cluster::{Cluster, Server};
 
 /// GetCACert answers are a few KB; anything past this is not one.
 const MAX_CA_CERT_BYTES: usize = 256 * 1024;
@@ -26,39 +23,7 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A certificate with the role it plays for the service.
-#[derive(Debug, Clone)]
-pub struct Watched {
-    pub role: &'static str,
-    pub subject: String,
-    pub not_after: u64,
-}
-
-impl Watched {
-    pub fn of(role: &'static str, cert: &Certificate) -> Watched {
-        Watched {
-            role,
-            subject: cert.tbs_certificate.subject.to_string(),
-            not_after: not_after_unix(cert),
-        }
-    }
-
-    pub fn from_der(role: &'static str, der: &[u8]) -> Option<Watched> {
-        Certificate::from_der(der)
-            .ok()
-            .map(|c| Watched::of(role, &c))
-    }
-}
-
-/// The CA and RA certificates of a GetCACert answer, each with its role.
-pub fn ca_and_ra(body: &[u8]) -> Result<Vec<Watched>, String> {
-    let certs = parse_ca_certs(body).map_err(|e| e.to_string())?;
-    let single = certs.len() == 1;
-    Ok(certs
-        .iter()
-        .map(|c| Watched::of(if single || is_ca(c) { "ca" } else { "ra" }, c))
-        .collect())
-}
+pub use crate::scep::{ca_and_ra, Watched};
 
 /// The certificates `certificate_expiry_timestamp_seconds` shows: the listener's, in force now,
 /// and those NDES presented and handed out at the last look. Each part is replaced whole, and
@@ -105,14 +70,14 @@ impl Expiry {
         gauge.reset();
         for w in parts.0.iter().chain(parts.1.iter()) {
             gauge
-                .with_label_values(&[w.role, &w.subject])
+                .with_label_values(&[w.role, &w.server, &w.subject])
                 .set(i64::try_from(w.not_after).unwrap_or(i64::MAX));
         }
     }
 }
 
 pub struct CertWatch {
-    pub upstream: Arc<Upstream>,
+    pub cluster: Arc<Cluster>,
     pub readiness: Arc<Readiness>,
     pub listener: Arc<ListenerCertificate>,
     pub expiry: Arc<Expiry>,
@@ -134,62 +99,85 @@ impl CertWatch {
         }
     }
 
+    /// Every server's GetCACert (its RA set, for routing too) and TLS certificate, at once.
     async fn check(&self) {
         self.expiry.set_listener(&self.listener);
-        let mut watched = Vec::new();
-        match self
-            .upstream
-            .get_all(
-                "",
-                Some("operation=GetCACert&message=ndes-gateway"),
-                MAX_CA_CERT_BYTES,
-            )
-            .await
-        {
-            Ok(a) if a.status == 200 => match ca_and_ra(&a.body) {
-                Ok(certs) => watched.extend(certs),
-                Err(e) => {
-                    tracing::warn!(target: "ndes_gateway::scep", error = %e, "GetCACert answer from NDES not readable")
-                }
-            },
-            Ok(a) => {
-                tracing::warn!(target: "ndes_gateway::scep", status = a.status, "NDES answered GetCACert with an error")
-            }
-            Err(e) => {
-                tracing::debug!(target: "ndes_gateway::scep", error = %e, "GetCACert not fetched")
-            }
-        }
-        let leaf = self
-            .upstream
-            .target
-            .seen_leaf
-            .lock()
-            .ok()
-            .and_then(|l| l.clone());
-        if let Some(w) = leaf.and_then(|der| Watched::from_der("upstream_tls", &der)) {
-            watched.push(w);
-        }
-        let now = now_unix();
-        let expired: Vec<String> = watched
-            .iter()
-            .filter(|w| w.role == "ra" && w.not_after <= now)
-            .map(|w| w.subject.clone())
-            .collect();
-        let problem = (!expired.is_empty()).then(|| {
-            format!(
-                "NDES's RA certificate expired ({}): renew the CEP Encryption and Exchange Enrollment Agent certificates on the NDES server",
-                expired.join("; ")
-            )
-        });
-        if let Some(p) = &problem {
-            tracing::warn!(target: "ndes_gateway::scep", problem = %p, "RA certificate expired");
-        }
-        self.readiness
-            .set_ra_problem(if self.expired_ra == ExpiredRa::Fail {
-                problem
-            } else {
-                None
+        let mut looks = tokio::task::JoinSet::new();
+        for server in &self.cluster.servers {
+            let server = server.clone();
+            looks.spawn(async move {
+                let watched = look(&server).await;
+                (server, watched)
             });
+        }
+        let mut watched = Vec::new();
+        let mut problems = Vec::new();
+        let now = now_unix();
+        while let Some(Ok((server, certs))) = looks.join_next().await {
+            let expired: Vec<String> = certs
+                .iter()
+                .filter(|w| w.role == "ra" && w.not_after <= now)
+                .map(|w| w.subject.clone())
+                .collect();
+            if !expired.is_empty() {
+                let problem = format!(
+                    "NDES's RA certificate expired on {} ({}): renew the CEP Encryption and Exchange Enrollment Agent certificates on that NDES server",
+                    server.label,
+                    expired.join("; ")
+                );
+                tracing::warn!(target: "ndes_gateway::scep", server = %server.label, problem = %problem, "RA certificate expired");
+                problems.push(problem);
+            }
+            server.set_ra_expired(!expired.is_empty() && self.expired_ra == ExpiredRa::Fail);
+            watched.extend(certs);
+        }
+        // Not ready when no server is left whose RA certificates are valid.
+        let all_expired = problems.len() == self.cluster.servers.len();
+        self.readiness.set_ra_problem(
+            (all_expired && self.expired_ra == ExpiredRa::Fail).then(|| problems.join("; ")),
+        );
         self.expiry.set_upstream(watched);
     }
+}
+
+/// One server's certificates: the CA and RA set of its GetCACert answer, learnt for routing, and
+/// the TLS certificate it presented last.
+async fn look(server: &Server) -> Vec<Watched> {
+    let mut watched = Vec::new();
+    match server
+        .upstream
+        .get_all(
+            "",
+            Some("operation=GetCACert&message=ndes-gateway"),
+            MAX_CA_CERT_BYTES,
+        )
+        .await
+    {
+        Ok(a) if a.status == 200 => match server.learn_ra_set(&a.body) {
+            Ok(_) => watched.extend(server.ra_set().watched.iter().cloned()),
+            Err(e) => {
+                tracing::warn!(target: "ndes_gateway::scep", server = %server.label, error = %e, "GetCACert answer from NDES not readable")
+            }
+        },
+        Ok(a) => {
+            tracing::warn!(target: "ndes_gateway::scep", server = %server.label, status = a.status, "NDES answered GetCACert with an error")
+        }
+        Err(e) => {
+            tracing::debug!(target: "ndes_gateway::scep", server = %server.label, error = %e, "GetCACert not fetched");
+            // Not reached now: what it handed out last still stands.
+            watched.extend(server.ra_set().watched.iter().cloned());
+        }
+    }
+    let leaf = server
+        .upstream
+        .target
+        .seen_leaf
+        .lock()
+        .ok()
+        .and_then(|l| l.clone());
+    if let Some(mut w) = leaf.and_then(|der| Watched::from_der("upstream_tls", &der)) {
+        w.server.clone_from(&server.label);
+        watched.push(w);
+    }
+    watched
 }

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ops::certwatch::Expiry;
 use crate::tls::ListenerCertificate;
-use crate::upstream::Upstream;
+use crate::upstream::cluster::Cluster;
 
 /// What identifies a file's content without reading it: the real path behind any symlinks, its
 /// modification time and its length.
@@ -33,7 +33,7 @@ pub struct Reloader {
     /// The file the config came from, read again on every reload; `None` for a config built in
     /// memory, whose certificate files are still reloaded.
     pub path: Option<PathBuf>,
-    pub upstream: Arc<Upstream>,
+    pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
     pub expiry: Arc<Expiry>,
     /// Subscribed before the gateway said it was listening: a `systemctl reload` sent right
@@ -127,7 +127,7 @@ impl Reloader {
         if matches!(listener, Some(Ok(()))) {
             self.expiry.set_listener(&self.certificate);
         }
-        let upstream = Some(self.upstream.reload_trust(&c.upstream));
+        let upstream = Some(self.cluster.reload_trust(&c.upstream));
         let results = [("listener", listener), ("upstream_trust", upstream)];
         for (target, result) in results.into_iter().filter_map(|(t, r)| Some((t, r?))) {
             match result {

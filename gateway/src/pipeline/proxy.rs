@@ -19,15 +19,16 @@ use crate::config::ConfigError;
 use crate::metrics::{Metrics, REASON_RATE_LIMITED};
 use crate::pipeline::client_addr::TrustedProxies;
 use crate::pipeline::filter::{
-    request_target_len, RejectReason, Rejection, RequestLimits, ScepOperation, ScepPath,
-    ScepRequest, WireFacts, PKICLIENT_SUFFIX,
+    request_target_len, RejectReason, Rejection, RequestLimits, ScepOperation, ScepPath, WireFacts,
+    PKICLIENT_SUFFIX,
 };
 use crate::pipeline::ratelimit::{retry_after_secs, RateLimits};
 use crate::scep::{
-    fail_info_name, message_type_name, parse_get_message, parse_pki_message, pki_status_name,
-    PkiMessage,
+    decode_get_message, fail_info_name, message_type_name, parse_get_message, parse_pki_message,
+    pki_message_recipient, pki_status_name, PkiMessage, Recipient,
 };
-use crate::upstream::{Answer, Upstream, UpstreamErrorKind};
+use crate::upstream::cluster::{Cluster, Kind, Route, Server};
+use crate::upstream::{Answer, UpstreamErrorKind};
 
 pub type GatewayBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -89,7 +90,7 @@ impl ForwardHeaders {
 pub struct Proxy {
     pub limits: RequestLimits,
     pub body_timeout: Duration,
-    pub upstream: Arc<Upstream>,
+    pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
     pub rate_limits: Arc<RateLimits>,
     pub trusted_proxies: TrustedProxies,
@@ -113,6 +114,10 @@ struct Outcome {
     rejected: Option<&'static str>,
     upstream_error: Option<UpstreamErrorKind>,
     upstream_seconds: Option<f64>,
+    /// The NDES server that answered, or was meant to.
+    server: Option<Arc<Server>>,
+    /// Answered from the cache.
+    cached: bool,
     /// What the PKIOperation carried and what NDES answered, when they could be read.
     scep: Option<ScepExchange>,
 }
@@ -142,7 +147,7 @@ impl Proxy {
     pub fn new(
         limits: RequestLimits,
         body_timeout: Duration,
-        upstream: Arc<Upstream>,
+        cluster: Arc<Cluster>,
         metrics: Arc<Metrics>,
         rate_limits: Arc<RateLimits>,
         trusted_proxies: TrustedProxies,
@@ -152,7 +157,7 @@ impl Proxy {
         Proxy {
             limits,
             body_timeout,
-            upstream,
+            cluster,
             metrics,
             rate_limits,
             trusted_proxies,
@@ -229,18 +234,8 @@ impl Proxy {
             .with_label_values(&[operation])
             .observe(seconds);
         m.request_target_bytes.observe(target_bytes as f64);
-        if let Some(up) = outcome.upstream_seconds {
-            m.upstream_duration_seconds
-                .with_label_values(&[operation])
-                .observe(up);
-        }
         if let Some(reason) = outcome.rejected {
             m.reject(reason);
-        }
-        if let Some(kind) = outcome.upstream_error {
-            m.upstream_errors_total
-                .with_label_values(&[kind.label()])
-                .inc();
         }
         let scep = outcome.scep.as_ref();
         let request = scep.and_then(|e| e.request.as_ref());
@@ -287,6 +282,8 @@ impl Proxy {
                 duration_ms = seconds * 1000.0,
                 rejected = outcome.rejected.unwrap_or("-"),
                 upstream_error = outcome.upstream_error.map_or("-", UpstreamErrorKind::label),
+                server = outcome.server.as_ref().map_or("-", |s| s.label.as_str()),
+                cache = if outcome.cached { "hit" } else { "-" },
                 transaction_id = request.and_then(|m| m.transaction_id.as_deref()).unwrap_or("-"),
                 message_type,
                 pki_status,
@@ -387,12 +384,18 @@ impl Proxy {
             Bytes::new()
         };
 
+        let mut route = Route::Balanced;
         if scep.operation == Some(ScepOperation::PkiOperation) {
             let parsed = if parts.method == Method::POST {
                 parse_pki_message(&body)
             } else {
                 parse_get_message(parts.uri.query().unwrap_or(""))
             };
+            if self.cluster.is_many() {
+                route = self
+                    .cluster
+                    .route(recipient(&parts.method, &parts.uri, &body).as_ref());
+            }
             let request = match parsed {
                 Ok(msg) => Some(msg),
                 Err(e) => {
@@ -419,42 +422,68 @@ impl Proxy {
             });
         }
 
-        // GetCACaps and GetCACert may go twice if a reused connection closes under them; a
-        // PKIOperation never does once written.
-        let idempotent = parts.method == Method::GET
-            && scep.operation != Some(ScepOperation::PkiOperation)
-            && body.is_empty();
-        let upstream_req = match self.upstream_request(
-            &parts.method,
-            &parts.uri,
-            parts.headers,
-            &scep,
-            body,
-            client,
-        ) {
-            Ok(r) => r,
-            Err(rejection) => return reject(rejection, client, outcome),
+        // GetCACaps and GetCACert may go twice if a reused connection closes under them, or to
+        // a second server; a PKIOperation never does once written.
+        let get = parts.method == Method::GET && body.is_empty();
+        let kind = Kind {
+            operation: outcome.operation.unwrap_or("bare"),
+            idempotent: get && scep.operation != Some(ScepOperation::PkiOperation),
+            pkioperation: scep.operation == Some(ScepOperation::PkiOperation),
+            cacheable: get
+                && matches!(
+                    scep.operation,
+                    Some(ScepOperation::GetCaCaps | ScepOperation::GetCaCert)
+                ),
         };
+        let suffix = match scep.path {
+            ScepPath::Dll => "",
+            ScepPath::PkiClientExe => PKICLIENT_SUFFIX,
+        };
+        if self.cluster.fits(&parts.uri, suffix).is_err() {
+            let rejection = Rejection {
+                status: StatusCode::URI_TOO_LONG,
+                reason: RejectReason::UriTooLong,
+                detail:
+                    "the request-target is too long once mapped onto the upstream path (upstream.url)"
+                        .to_owned(),
+                allow: None,
+            };
+            return reject(rejection, client, outcome);
+        }
+        let body_copy = body.clone();
+        let upstream_req =
+            self.upstream_request(&parts.method, parts.uri, parts.headers, body, client);
         let upstream_started = Instant::now();
         outcome.sent_upstream = true;
-        let sent = self.upstream.send(upstream_req, idempotent).await;
+        let sent = self
+            .cluster
+            .send(upstream_req, &body_copy, suffix, kind, route)
+            .await;
         outcome.upstream_seconds = Some(upstream_started.elapsed().as_secs_f64());
         match sent {
-            Ok(answer) => {
-                outcome.upstream_status = Some(answer.status);
-                self.answer(answer, outcome, client)
+            Ok(delivered) => {
+                // A cached answer is the gateway's own: NDES saw nothing of this request.
+                outcome.upstream_status = (!delivered.cached).then_some(delivered.answer.status);
+                outcome.server = Some(delivered.server);
+                outcome.cached = delivered.cached;
+                outcome.sent_upstream = !delivered.cached;
+                self.answer(delivered.answer, outcome, client)
             }
-            Err(e) => {
+            Err(undelivered) => {
+                let e = undelivered.error;
                 outcome.upstream_error = Some(e.kind);
+                outcome.server = undelivered.server;
                 tracing::warn!(
                     target: "ndes_gateway::upstream",
                     client = %client,
                     kind = e.kind.label(),
+                    server = outcome.server.as_ref().map_or("-", |s| s.label.as_str()),
                     error = %e.message,
                     "request not answered by NDES"
                 );
                 // The client learns that NDES could not be reached, not why: internal names and
                 // certificate details stay in the log.
+                let unavailable;
                 let (status, text) = match e.kind {
                     UpstreamErrorKind::Timeout => {
                         (StatusCode::GATEWAY_TIMEOUT, "NDES did not answer in time")
@@ -463,6 +492,13 @@ impl Proxy {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many requests are waiting on NDES; try again shortly",
                     ),
+                    UpstreamErrorKind::Unavailable => {
+                        unavailable = format!(
+                            "the NDES server that holds the key this request is encrypted to (server {}) is not ready; try again shortly",
+                            outcome.server.as_ref().map_or(0, |s| s.ordinal)
+                        );
+                        (StatusCode::SERVICE_UNAVAILABLE, unavailable.as_str())
+                    }
                     UpstreamErrorKind::ResponseTooLarge => (
                         StatusCode::BAD_GATEWAY,
                         "the answer from NDES is over upstream.max_response_bytes",
@@ -472,7 +508,7 @@ impl Proxy {
                         "the gateway could not get an answer from NDES",
                     ),
                 };
-                text_response(
+                let mut resp = text_response(
                     status,
                     format!(
                         "{} {}: {text}\n",
@@ -480,7 +516,15 @@ impl Proxy {
                         status.canonical_reason().unwrap_or("")
                     ),
                     None,
-                )
+                );
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    let wait = undelivered
+                        .retry_after
+                        .unwrap_or_else(|| self.cluster.retry_after());
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+                }
+                resp
             }
         }
     }
@@ -573,28 +617,16 @@ impl Proxy {
         }
     }
 
+    /// The request as it goes to NDES, less what depends on the server: the client's path and
+    /// query stay in the URI and Host is left out, both set for the server it goes to.
     fn upstream_request(
         &self,
         method: &Method,
-        uri: &http::Uri,
+        uri: http::Uri,
         headers: HeaderMap,
-        scep: &ScepRequest,
         body: Bytes,
         client: IpAddr,
-    ) -> Result<Request<Full<Bytes>>, Rejection> {
-        let target = &self.upstream.target;
-        let suffix = match scep.path {
-            ScepPath::Dll => "",
-            ScepPath::PkiClientExe => PKICLIENT_SUFFIX,
-        };
-        let upstream_uri = target.uri_reusing(uri, suffix).ok_or_else(|| Rejection {
-            status: StatusCode::URI_TOO_LONG,
-            reason: RejectReason::UriTooLong,
-            detail:
-                "the request-target is too long once mapped onto the upstream path (upstream.url)"
-                    .to_owned(),
-            allow: None,
-        })?;
+    ) -> Request<Full<Bytes>> {
         let post = method == Method::POST;
         // Names the client's Connection header makes hop-by-hop (RFC 9110 §7.6.1), allowed
         // ones included; HTTP/2 carries no Connection header.
@@ -622,7 +654,6 @@ impl Proxy {
         for name in doomed {
             out.remove(name);
         }
-        out.insert(HOST, target.host_header.clone());
         if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
             out.insert(X_FORWARDED_FOR.clone(), v);
         }
@@ -632,10 +663,20 @@ impl Proxy {
         }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = method.clone();
-        *req.uri_mut() = upstream_uri;
+        *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = out;
-        Ok(req)
+        req
+    }
+}
+
+/// Who a PKIOperation is encrypted to, when its message says: the key to its NDES server.
+fn recipient(method: &Method, uri: &http::Uri, body: &Bytes) -> Option<Recipient> {
+    if method == Method::POST {
+        pki_message_recipient(body).ok()
+    } else {
+        let der = decode_get_message(uri.query().unwrap_or("")).ok()?;
+        pki_message_recipient(&der).ok()
     }
 }
 

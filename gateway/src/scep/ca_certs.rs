@@ -28,6 +28,43 @@ pub fn parse_ca_certs(body: &[u8]) -> Result<Vec<Certificate>, ScepError> {
     Ok(certs)
 }
 
+/// A certificate with the role it plays for the service.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub role: &'static str,
+    /// The NDES server it came from (`host:port`); empty for the listener's.
+    pub server: String,
+    pub subject: String,
+    pub not_after: u64,
+}
+
+impl Watched {
+    pub fn of(role: &'static str, cert: &Certificate) -> Watched {
+        Watched {
+            role,
+            server: String::new(),
+            subject: cert.tbs_certificate.subject.to_string(),
+            not_after: not_after_unix(cert),
+        }
+    }
+
+    pub fn from_der(role: &'static str, der: &[u8]) -> Option<Watched> {
+        Certificate::from_der(der)
+            .ok()
+            .map(|c| Watched::of(role, &c))
+    }
+}
+
+/// The CA and RA certificates of a GetCACert answer, each with its role.
+pub fn ca_and_ra(body: &[u8]) -> Result<Vec<Watched>, String> {
+    let certs = parse_ca_certs(body).map_err(|e| e.to_string())?;
+    let single = certs.len() == 1;
+    Ok(certs
+        .iter()
+        .map(|c| Watched::of(if single || is_ca(c) { "ca" } else { "ra" }, c))
+        .collect())
+}
+
 /// A CA certificate (basicConstraints cA), as opposed to an RA certificate.
 pub fn is_ca(cert: &Certificate) -> bool {
     const BASIC_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.19");

@@ -75,11 +75,13 @@ mod ber;
 mod ca_certs;
 mod get;
 mod message;
+mod recipient;
 
 pub use ber::*;
 pub use ca_certs::*;
 pub use get::*;
 pub use message::*;
+pub use recipient::*;
 
 #[cfg(test)]
 mod tests {

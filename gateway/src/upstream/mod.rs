@@ -41,6 +41,8 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use crate::config::{ConfigError, UpstreamConfig};
 use crate::tls::{load_certificates, provider};
 
+pub mod cluster;
+
 /// What went wrong on the way to NDES; drives the log line, the status and the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
@@ -54,10 +56,12 @@ pub enum UpstreamErrorKind {
     Busy,
     /// NDES's answer is over `upstream.max_response_bytes`.
     ResponseTooLarge,
+    /// The one server that can answer (it holds the RA key) is down or not ready.
+    Unavailable,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 8] = [
+    pub const ALL: [UpstreamErrorKind; 9] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::TlsChain,
         UpstreamErrorKind::TlsName,
@@ -66,6 +70,7 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::Protocol,
         UpstreamErrorKind::Busy,
         UpstreamErrorKind::ResponseTooLarge,
+        UpstreamErrorKind::Unavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -78,6 +83,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::Busy => "busy",
             UpstreamErrorKind::ResponseTooLarge => "response_too_large",
+            UpstreamErrorKind::Unavailable => "unavailable",
         }
     }
 }
@@ -802,7 +808,7 @@ impl Upstream {
             in_flight,
             max_in_flight: c.max_in_flight,
             own_checks,
-            queue_timeout: c.connect_timeout,
+            queue_timeout: c.queue_timeout,
             retried: None,
         }
     }
@@ -924,7 +930,7 @@ impl Upstream {
     }
 
     /// `req` through `exchange` once it has a slot. The limit's own wait has no end, so the
-    /// queue's is bounded here: past `upstream.connect_timeout` the request is refused as busy
+    /// queue's is bounded here: past `upstream.queue_timeout` the request is refused as busy
     /// (`busy` says why), never sent.
     async fn exchange(
         &self,
