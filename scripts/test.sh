@@ -12,10 +12,11 @@ cd "$(dirname "$0")/.."
 need_rust
 # scep: scepserver and scepclient; python3-h2: an HTTP/2 client that can send a :path longer than
 # Rust's URI type allows; prometheus: promtool, which lints a real scrape; curl and openssl:
-# clients the CLI tests use as a user would; gcc: ring's C parts.
+# clients the CLI tests use as a user would; gcc: ring's C parts; tmux: the terminal `init` is
+# answered in, as a person would.
 need_packages scep:scepserver scep:scepclient python3-h2:/usr/lib/python3/dist-packages/h2 \
   prometheus:promtool curl:curl openssl:openssl gcc:cc ca-certificates:/etc/ssl/certs \
-  testssl.sh:testssl slowhttptest:slowhttptest
+  testssl.sh:testssl slowhttptest:slowhttptest tmux:tmux
 command -v cargo-deny >/dev/null 2>&1 || cargo install --locked --quiet cargo-deny --version 0.20.2
 
 work=$(mktemp -d)
