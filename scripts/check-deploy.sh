@@ -385,10 +385,16 @@ import re, sys
 text = re.sub(r"\\\n", " ", open(sys.argv[1]).read())
 lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
 stages, current = [], None
+# ARGs before the first FROM, with their defaults: what a FROM line may name.
+global_args = {}
 for l in lines:
     word, _, rest = l.partition(" ")
     word = word.upper()
-    if word == "FROM":
+    if word == "ARG" and current is None:
+        name, _, default = rest.strip().partition("=")
+        global_args[name] = default
+    elif word == "FROM":
+        rest = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), rest)
         current = {"from": rest, "ins": []}
         stages.append(current)
     elif current is not None:
