@@ -172,24 +172,6 @@ fi
 # ---------------------------------------------------------------------------------------------
 # The checks
 
-passed=0 failed=0
-failures=()
-check() {
-  local name=$1
-  shift
-  echo
-  echo "== $name"
-  set +e
-  (set -e; "$@")
-  local rc=$?
-  set -e
-  if ((rc == 0)); then
-    passed=$((passed + 1)); echo "ok: $name"
-  else
-    failed=$((failed + 1)); failures+=("$name"); echo "FAILED: $name"
-  fi
-}
-
 run_init() {
   "${podman[@]}" run --rm "${limits[@]}" --network host --read-only --cap-drop ALL \
     -v "$etc:/etc/ndes-gateway" "$image" init --yes --config /etc/ndes-gateway/gateway.toml \
@@ -262,7 +244,4 @@ check "the root file system is read-only" read_only_root
 check "a real enrolment (scepclient) through the container" enrol
 check "SIGTERM stops it with exit code 0" stops_cleanly
 
-echo
-((${#failures[@]} == 0)) || printf 'failed: %s\n' "${failures[@]}"
-echo "$passed passed, $failed failed"
-((failed == 0))
+checks_summary
