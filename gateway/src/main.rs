@@ -27,8 +27,8 @@ enum Command {
     /// has a flag; with --yes (or without a terminal) nothing is asked.
     ///
     /// Unattended, for example:
-    ///   ndes-gateway init --yes --public-name scep.contoso.com
-    ///     --ndes-url ndes01.corp.contoso.com --trust-fingerprint 3F:A2:...
+    ///   ndes-gateway init --yes --public-name scep.contoso.com \
+    ///     --ndes-url ndes01.corp.contoso.com --trust-fingerprint 3F:A2:... \
     ///     --cert public.pem --key public.key --config /etc/ndes-gateway/gateway.toml
     #[command(verbatim_doc_comment)]
     Init(Box<ndes_gateway::cli::init::InitOptions>),

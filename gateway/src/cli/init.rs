@@ -238,7 +238,7 @@ pub fn run(opts: &InitOptions, runtime: &tokio::runtime::Runtime) -> Result<(), 
     // file whole or not at all.
     refuse_to_overwrite(&output, opts.force)?;
     let anchors = all_anchors(&servers);
-    write_atomically(&dir.join(CA_FILE), &pem_of(&anchors), false)?;
+    write_atomically(&dir.join(CA_FILE), &pem_of(&anchors))?;
     println!(
         "wrote {} (the NDES trust anchors)",
         dir.join(CA_FILE).display()
@@ -251,14 +251,14 @@ pub fn run(opts: &InitOptions, runtime: &tokio::runtime::Runtime) -> Result<(), 
         ..
     } = &public
     {
-        write_atomically(key, key_pem, true)?;
-        write_atomically(csr, csr_pem, false)?;
+        write_atomically(key, key_pem)?;
+        write_atomically(csr, csr_pem)?;
         println!("wrote {} and {}", key.display(), csr.display());
     }
-    write_atomically(&output, &text, false)?;
+    write_atomically(&output, &text)?;
     println!("wrote {}", output.display());
 
-    let checked = check_written(&output, &public);
+    let checked = check_written(&output, &public, servers.len());
     let doctor_ok = match &checked {
         Ok(Some(config)) => {
             println!("\n== doctor");
@@ -794,21 +794,21 @@ fn config_text(
             let _ = writeln!(t, "server_name = {}", q(name));
         }
     }
-    let confirmed: Vec<&str> = servers
+    let mut confirmed: Vec<&str> = servers
         .iter()
         .map(|s| s.confirmed.as_str())
         .filter(|c| !c.is_empty())
         .collect();
-    let _ = writeln!(
-        t,
-        "# The only trust anchors for NDES: what it presented{}.\nca = {}",
-        if confirmed.is_empty() {
-            " checked against the CA file given".to_owned()
-        } else {
-            format!(", confirmed by SHA-256 {}", confirmed.join(", "))
-        },
-        q(CA_FILE)
-    );
+    confirmed.dedup();
+    if confirmed.is_empty() {
+        t.push_str("# The only trust anchors for NDES: its issuer, from the CA file given.\n");
+    } else {
+        t.push_str("# The only trust anchors for NDES: what it presented, confirmed by SHA-256\n");
+        for c in confirmed {
+            let _ = writeln!(t, "#   {c}");
+        }
+    }
+    let _ = writeln!(t, "ca = {}", q(CA_FILE));
     t.push_str(
         "# NDES's key: a new NDES key needs its pin here first (ndes-gateway certs pin --connect).\nspki_sha256 = [\n",
     );
@@ -844,16 +844,22 @@ fn config_text(
 
 /// `check` on the file as written: it must read back and its certificates load. `None` when
 /// the certificate is still to come (a CSR sent, or ACME).
-fn check_written(output: &Path, public: &PublicCert) -> Result<Option<Config>, String> {
+fn check_written(
+    output: &Path,
+    public: &PublicCert,
+    servers: usize,
+) -> Result<Option<Config>, String> {
     println!("\n== check");
-    let loaded = Config::load(output).map_err(|e| e.to_string());
-    let config = match (loaded, public) {
-        (Ok(c), _) => c,
-        (Err(e), PublicCert::Acme { .. }) => {
-            println!("{e}\n(the ACME section needs a gateway that reads [listen.acme])");
+    let config = match Config::load(output) {
+        Ok(c) => c,
+        // Sections a gateway reads from the release that brings ACME, or several NDES.
+        Err(e) if matches!(public, PublicCert::Acme { .. }) || servers > 1 => {
+            println!(
+                "{e}\n(this needs a gateway that reads [listen.acme] and [[upstream.server]])"
+            );
             return Ok(None);
         }
-        (Err(e), _) => return Err(e),
+        Err(e) => return Err(e.to_string()),
     };
     match (crate::prepare(&config), public) {
         (Ok(_), _) => {
@@ -990,8 +996,9 @@ fn pem_of(certs: &[CertificateDer<'_>]) -> String {
 }
 
 /// Writes `text` to a new file in the same folder, then renames it over `path`: a reader (or a
-/// crash) sees the old file or the new one, never half of one. `private`: mode 0600.
-fn write_atomically(path: &Path, text: &str, private: bool) -> Result<(), String> {
+/// crash) sees the old file or the new one, never half of one. Mode 0640, as deploy/README.md
+/// has them: the gateway reads them through its group (a key included), nobody else does.
+fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
     let err = |e: std::io::Error| format!("{}: {e}", path.display());
     let dir = path
@@ -1008,10 +1015,8 @@ fn write_atomically(path: &Path, text: &str, private: bool) -> Result<(), String
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if private { 0o600 } else { 0o640 });
+        options.mode(0o640);
     }
-    #[cfg(not(unix))]
-    let _ = private;
     let written = options.open(&temp).and_then(|mut f| {
         f.write_all(text.as_bytes())?;
         f.sync_all()
