@@ -221,7 +221,9 @@ pub fn run(opts: &InitOptions, runtime: &tokio::runtime::Runtime) -> Result<(), 
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
+    // Before any question: an answer given for nothing is a waste of the operator's time.
     refuse_to_overwrite(&output, opts.force)?;
+    refuse_to_overwrite(&dir.join(CA_FILE), opts.force)?;
 
     let public_name = asker.text(
         "--public-name",
@@ -237,6 +239,7 @@ pub fn run(opts: &InitOptions, runtime: &tokio::runtime::Runtime) -> Result<(), 
     // Everything is known and checked: only now is anything written, the config last, each
     // file whole or not at all.
     refuse_to_overwrite(&output, opts.force)?;
+    refuse_to_overwrite(&dir.join(CA_FILE), opts.force)?;
     let anchors = all_anchors(&servers);
     write_atomically(&dir.join(CA_FILE), &pem_of(&anchors))?;
     println!(
