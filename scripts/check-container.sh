@@ -29,6 +29,9 @@ admin_port=9180
 # runc runs there, given explicit limits.
 podman=(podman --runtime runc)
 limits=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+# Podman runs an image's HEALTHCHECK from a systemd timer, which needs a running systemd: the
+# timer is off, the HEALTHCHECK itself kept, and run by hand below.
+no_health_timer=(--health-interval disable)
 
 need_packages podman:podman runc:runc debootstrap:debootstrap scep:scepserver scep:scepclient \
   curl:curl openssl:openssl
@@ -91,9 +94,11 @@ base_by_debootstrap() {
 base_from_host() {
   local rootfs=$work/hostroot f lib
   echo "assembling the base from this host's files"
-  mkdir -p "$rootfs"/{etc,tmp,usr/bin,usr/sbin,usr/lib,usr/lib64,bin,sbin,lib,lib64}
-  local programs=(/usr/bin/bash /usr/bin/head /usr/bin/grep /usr/sbin/groupadd /usr/sbin/useradd
-    /usr/sbin/nologin "$release_bin")
+  mkdir -p "$rootfs"/{etc,tmp,usr/bin,usr/sbin,usr/lib,usr/lib64}
+  # Debian 12's merged /usr: /bin, /sbin, /lib and /lib64 are links into it.
+  for f in bin sbin lib lib64; do ln -s "usr/$f" "$rootfs/$f"; done
+  local programs=(/usr/bin/dash /usr/bin/bash /usr/bin/head /usr/bin/grep /usr/sbin/groupadd
+    /usr/sbin/useradd /usr/sbin/nologin "$release_bin")
   for f in "${programs[@]}"; do
     [[ $f == "$release_bin" ]] || cp -a "$f" "$rootfs$f"
     for lib in $(ldd "$f" | grep -o '/[^ ]*'); do
@@ -101,6 +106,7 @@ base_from_host() {
       cp -aL "$lib" "$rootfs$lib"
     done
   done
+  ln -s dash "$rootfs/usr/bin/sh"
   for f in passwd group shadow gshadow login.defs nsswitch.conf; do
     [[ ! -e /etc/$f ]] || cp -a "/etc/$f" "$rootfs/etc/$f"
   done
@@ -173,8 +179,8 @@ fi
 # The checks
 
 run_init() {
-  "${podman[@]}" run --rm "${limits[@]}" --network host --read-only --cap-drop ALL \
-    -v "$etc:/etc/ndes-gateway" "$image" init --yes --config /etc/ndes-gateway/gateway.toml \
+  "${podman[@]}" run --rm "${limits[@]}" "${no_health_timer[@]}" --network host --read-only \
+    --cap-drop ALL -v "$etc:/etc/ndes-gateway" "$image" init --yes --config /etc/ndes-gateway/gateway.toml \
     --public-name scep.example.test --ndes-url "$ndes_url" --trust-fingerprint "$fingerprint" \
     --ndes-ca /etc/ndes-gateway/tls/corp-root.pem --cert /etc/ndes-gateway/tls/public.pem \
     --key /etc/ndes-gateway/tls/public.key --listen "127.0.0.1:$public_port" | sed 's/^/  /'
@@ -182,10 +188,8 @@ run_init() {
 }
 
 start_serve() {
-  # The image's HEALTHCHECK is kept; only podman's timer for it is off, a systemd timer that
-  # needs a running systemd: the check is run by hand below.
-  "${podman[@]}" run -d --name "$container" "${limits[@]}" --network host --read-only \
-    --cap-drop ALL --health-interval disable -v "$etc:/etc/ndes-gateway:ro" "$image" >/dev/null
+  "${podman[@]}" run -d --name "$container" "${limits[@]}" "${no_health_timer[@]}" \
+    --network host --read-only --cap-drop ALL -v "$etc:/etc/ndes-gateway:ro" "$image" >/dev/null
   local _
   for _ in $(seq 100); do
     curl -sf -o /dev/null "http://127.0.0.1:$admin_port/healthz" && break
