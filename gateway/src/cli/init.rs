@@ -345,6 +345,7 @@ fn ask_ndes(
     Ok(servers)
 }
 
+/// The `index`th NDES server, asked again after a wrong answer while someone is there.
 fn one_ndes(
     opts: &InitOptions,
     asker: &Asker,
@@ -414,6 +415,8 @@ fn ndes_url(answer: &str) -> Result<(String, String, u16), String> {
     Ok((url, host, uri.port_u16().unwrap_or(443)))
 }
 
+/// One NDES answer followed through: connect, show the chain, check the name, have the chain
+/// confirmed, then GetCACaps and GetCACert through the trust as `serve` will hold it.
 fn look_at_ndes(
     opts: &InitOptions,
     asker: &Asker,
