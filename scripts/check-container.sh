@@ -40,6 +40,8 @@ work=$(mktemp -d)
 demo_pid=
 cleanup() {
   "${podman[@]}" rm -f -t 0 "$container" >/dev/null 2>&1 || true
+  # The image and its binary are made anew each run; the base, slow to make, is kept.
+  "${podman[@]}" rmi -f "$image" "$binary_image" >/dev/null 2>&1 || true
   [[ -z $demo_pid ]] || { kill "$demo_pid" 2>/dev/null; wait "$demo_pid" 2>/dev/null; } || true
   rm -rf "$work"
 }
