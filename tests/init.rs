@@ -99,6 +99,17 @@ fn init<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .unwrap()
 }
 
+/// `check` passes on the written config; the config, as the gateway reads it.
+fn checked(config: &Path) -> ndes_gateway::config::Config {
+    let check = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    ndes_gateway::config::Config::load(config).unwrap()
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -300,13 +311,7 @@ async fn init_runs_unattended_from_flags_and_never_overwrites() {
     assert!(run.status.success(), "{}", text(&run));
     let written = std::fs::read_to_string(&out).unwrap();
     assert!(written.contains(&format!("url = \"{url}\"")), "{written}");
-    let check = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{}", text(&check));
-    let config = ndes_gateway::config::Config::load(&out).unwrap();
+    let config = checked(&out);
     assert_eq!(config.upstream.spki_sha256.len(), 1);
     let anchors = |path: &Path| -> Vec<CertificateDer<'static>> {
         CertificateDer::pem_file_iter(path)
@@ -337,6 +342,50 @@ async fn init_runs_unattended_from_flags_and_never_overwrites() {
         text(&refused)
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), written);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_with_two_ndes_urls_writes_server_entries_the_gateway_reads() {
+    let ndes = Ndes::start(false).await;
+    // A second NDES host: its own CA, the same NDES certificate (one name, one TLS key here).
+    let second_dir = ndes.dir.path().join("ndes02");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let scep = ScepServer::start_as(&second_dir, "ndes02").await.unwrap();
+    let second = Gateway::start(&demo::front_config(&ndes.pki, &scep.url()).unwrap())
+        .await
+        .unwrap();
+    let second_url = format!("https://{}/certsrv/mscep/mscep.dll", second.local_addr());
+    let out = ndes.dir.path().join("etc/gateway.toml");
+    let mut args = unattended(&ndes, &out);
+    args.extend(
+        [
+            "--ndes-url",
+            &second_url,
+            "--trust-fingerprint",
+            &ndes.leaf_fingerprint(),
+            "--ndes-ca",
+            &ndes.pki.root.display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned),
+    );
+    let run = init(&args);
+    assert!(run.status.success(), "{}", text(&run));
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        written.matches("[[upstream.server]]").count(),
+        2,
+        "{written}"
+    );
+    let config = checked(&out);
+    let urls: Vec<String> = config
+        .upstream
+        .server_list()
+        .into_iter()
+        .map(|s| s.url)
+        .collect();
+    assert_eq!(urls, [ndes.url(), second_url]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

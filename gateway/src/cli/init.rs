@@ -261,7 +261,7 @@ pub fn run(opts: &InitOptions, runtime: &tokio::runtime::Runtime) -> Result<(), 
     write_atomically(&output, &text)?;
     println!("wrote {}", output.display());
 
-    let checked = check_written(&output, &public, servers.len());
+    let checked = check_written(&output, &public);
     let doctor_ok = match &checked {
         Ok(Some(config)) => {
             println!("\n== doctor");
@@ -850,19 +850,13 @@ fn config_text(
 
 /// `check` on the file as written: it must read back and its certificates load. `None` when
 /// the certificate is still to come (a CSR sent, or ACME).
-fn check_written(
-    output: &Path,
-    public: &PublicCert,
-    servers: usize,
-) -> Result<Option<Config>, String> {
+fn check_written(output: &Path, public: &PublicCert) -> Result<Option<Config>, String> {
     println!("\n== check");
     let config = match Config::load(output) {
         Ok(c) => c,
-        // Sections a gateway reads from the release that brings ACME, or several NDES.
-        Err(e) if matches!(public, PublicCert::Acme { .. }) || servers > 1 => {
-            println!(
-                "{e}\n(this needs a gateway that reads [listen.acme] and [[upstream.server]])"
-            );
+        // A section a gateway reads from the release that brings ACME.
+        Err(e) if matches!(public, PublicCert::Acme { .. }) => {
+            println!("{e}\n(this needs a gateway that reads [listen.acme])");
             return Ok(None);
         }
         Err(e) => return Err(e.to_string()),
