@@ -90,26 +90,8 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------
-# The checks. Each runs in a subshell with errexit, so any failing command fails that check
-# alone and the others still run.
-
-passed=0 failed=0 skipped=0
-failures=()
-check() {
-  local name=$1
-  shift
-  echo
-  echo "== $name"
-  set +e
-  (set -e; "$@")
-  local rc=$?
-  set -e
-  case $rc in
-    0) passed=$((passed + 1)); echo "ok: $name" ;;
-    77) skipped=$((skipped + 1)); echo "skipped: $name" ;;
-    *) failed=$((failed + 1)); failures+=("$name"); echo "FAILED: $name" ;;
-  esac
-}
+# The checks, each run by `check` (scripts/lib.sh): in a subshell with errexit, so any failing
+# command fails that check alone and the others still run.
 
 render() { # overlay
   "${kustomize[@]}" "$deploy/kubernetes/$1" >"$work/$1.yaml"
@@ -185,7 +167,8 @@ PY
   for f in "${files[@]}"; do
     sed -e "s#/etc/ndes-gateway/tls/public.pem#$work/cert.pem#" \
       -e "s#/etc/ndes-gateway/tls/public.key#$work/key.pem#" \
-      -e "s#/etc/ndes-gateway/tls/corp-root.pem#$work/cert.pem#" "$f" >"$work/check.toml"
+      -e "s#/etc/ndes-gateway/tls/corp-root.pem#$work/cert.pem#" \
+      -e "s#/etc/ndes-gateway/tls/acme-ca.pem#$work/cert.pem#" "$f" >"$work/check.toml"
     name=${f#"$root"/}
     [[ $f != "$work"/* ]] || name="the $(basename "$f" .gateway.toml) overlay's ConfigMap"
     if "$gateway_bin" check --config "$work/check.toml" >"$work/check.out" 2>&1; then
@@ -385,10 +368,16 @@ import re, sys
 text = re.sub(r"\\\n", " ", open(sys.argv[1]).read())
 lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
 stages, current = [], None
+# ARGs before the first FROM, with their defaults: what a FROM line may name.
+global_args = {}
 for l in lines:
     word, _, rest = l.partition(" ")
     word = word.upper()
-    if word == "FROM":
+    if word == "ARG" and current is None:
+        name, _, default = rest.strip().partition("=")
+        global_args[name] = default
+    elif word == "FROM":
+        rest = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), rest)
         current = {"from": rest, "ins": []}
         stages.append(current)
     elif current is not None:
@@ -452,9 +441,4 @@ check "Dockerfile: non-root USER" dockerfile user
 check "Dockerfile: FROM images pinned by tag" dockerfile from
 check "Dockerfile: HEALTHCHECK" dockerfile healthcheck
 
-echo
-((${#failures[@]} == 0)) || printf 'failed: %s\n' "${failures[@]}"
-summary="$passed passed, $failed failed"
-((skipped == 0)) || summary+=", $skipped skipped"
-echo "$summary"
-((failed == 0))
+checks_summary

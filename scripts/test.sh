@@ -12,11 +12,14 @@ cd "$(dirname "$0")/.."
 need_rust
 # scep: scepserver and scepclient; python3-h2: an HTTP/2 client that can send a :path longer than
 # Rust's URI type allows; prometheus: promtool, which lints a real scrape; curl and openssl:
-# clients the CLI tests use as a user would; gcc: ring's C parts; pebble: Pebble and
-# pebble-challtestsrv, the ACME server the ACME tests run against.
+# clients the CLI tests use as a user would; gcc: ring's C parts; tmux: the terminal `init` is
+# answered in, as a person would; podman, runc and debootstrap: the container image, built on a
+# base made here and run; pebble: Pebble and pebble-challtestsrv, the ACME server the ACME tests
+# run against.
 need_packages scep:scepserver scep:scepclient python3-h2:/usr/lib/python3/dist-packages/h2 \
   prometheus:promtool curl:curl openssl:openssl gcc:cc ca-certificates:/etc/ssl/certs \
-  testssl.sh:testssl slowhttptest:slowhttptest pebble:pebble pebble:pebble-challtestsrv
+  testssl.sh:testssl slowhttptest:slowhttptest tmux:tmux podman:podman runc:runc \
+  debootstrap:debootstrap pebble:pebble pebble:pebble-challtestsrv
 command -v cargo-deny >/dev/null 2>&1 || cargo install --locked --quiet cargo-deny --version 0.20.2
 
 work=$(mktemp -d)
@@ -129,6 +132,14 @@ slow_clients() {
   return "$rc"
 }
 
+container_checks() {
+  local rc=0
+  bash scripts/check-container.sh 2>&1 | tee "$work/container.log" || rc=$?
+  # 77: podman cannot run a container on this machine, and the log says why.
+  ((rc == 77)) || count_from "$work/container.log"
+  return "$rc"
+}
+
 deploy_checks() {
   local rc=0
   bash scripts/check-deploy.sh 2>&1 | tee "$work/deploy.log" || rc=$?
@@ -160,6 +171,7 @@ stage "cargo deny advisories" advisories
 stage "TLS audit (testssl.sh)" bash scripts/check-tls.sh
 stage "slow clients (slowhttptest) during enrolments" slow_clients
 stage "deploy/ checks" deploy_checks
+stage "container image built and run (podman, runc)" container_checks
 stage "cargo test" cargo_test
 
 echo

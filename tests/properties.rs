@@ -19,6 +19,42 @@ fn limits(max_uri: usize, max_query: usize, max_header: usize) -> RequestLimits 
 
 const BASE: &str = "/certsrv/mscep/mscep.dll?operation=GetCACaps&message=";
 
+/// DER of a tag, its length and its content.
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// A pkiMessage's outside (ContentInfo, SignedData, encapContentInfo of id-data) around `inner`
+/// as its eContent, with no signer: what the recipient reader walks before the envelope.
+fn signed_data_around(inner: &[u8]) -> Vec<u8> {
+    const ID_DATA: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01,
+    ];
+    const ID_SIGNED: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02,
+    ];
+    let encap = tlv(0x30, &[ID_DATA, &tlv(0xa0, &tlv(0x04, inner))].concat());
+    let signed = tlv(
+        0x30,
+        &[
+            &[0x02, 0x01, 0x01][..],
+            &tlv(0x31, &[]),
+            &encap,
+            &tlv(0x31, &[]),
+        ]
+        .concat(),
+    );
+    tlv(0x30, &[ID_SIGNED, &tlv(0xa0, &signed)].concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -71,6 +107,21 @@ proptest! {
         let _ = ndes_gateway::scep::parse_pki_message(&bytes);
         let _ = ndes_gateway::scep::parse_ca_certs(&bytes);
         let _ = ndes_gateway::scep::ber_to_der(&bytes);
+        let _ = ndes_gateway::scep::pki_message_recipient(&bytes);
+    }
+
+    /// Any envelope inside a well-formed SignedData: the recipient reader opens it, in DER and
+    /// in BER, and answers without a panic.
+    #[test]
+    fn the_recipient_reader_takes_any_envelope(envelope in prop::collection::vec(any::<u8>(), 0..2048), enveloped_prefix in any::<bool>()) {
+        let mut inner = Vec::new();
+        if enveloped_prefix {
+            // ContentInfo { id-envelopedData, [0] ...: the rest is whatever came.
+            inner.extend_from_slice(&[0x30, 0x80, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03, 0xa0, 0x80]);
+        }
+        inner.extend_from_slice(&envelope);
+        let message = signed_data_around(&inner);
+        let _ = ndes_gateway::scep::pki_message_recipient(&message);
     }
 
     /// Bytes that start like a CMS SEQUENCE go deeper into the parsers.
@@ -107,4 +158,56 @@ proptest! {
         let with_sections = format!("[listen]\naddr = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n[upstream]\nurl = \"https://x/y\"\n{text}");
         let _ = Config::parse(&with_sections);
     }
+}
+
+/// An EnvelopedData naming its recipient by `rid`, inside a pkiMessage's outside.
+fn enveloped_to(rid: &[u8]) -> Vec<u8> {
+    const ID_ENVELOPED: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03,
+    ];
+    let algorithm = tlv(0x30, &[0x06, 0x01, 0x2a]);
+    let ktri = tlv(
+        0x30,
+        &[&[0x02, 0x01, 0x00][..], rid, &algorithm, &tlv(0x04, b"key")].concat(),
+    );
+    let enveloped = tlv(
+        0x30,
+        &[
+            &[0x02, 0x01, 0x00][..],
+            &tlv(0x31, &ktri),
+            &tlv(0x30, &algorithm),
+        ]
+        .concat(),
+    );
+    signed_data_around(&tlv(0x30, &[ID_ENVELOPED, &tlv(0xa0, &enveloped)].concat()))
+}
+
+#[test]
+fn the_recipient_is_read_by_issuer_and_serial_and_by_key_identifier() {
+    use ndes_gateway::scep::{pki_message_recipient, Recipient};
+    let issuer = tlv(
+        0x30,
+        &tlv(
+            0x31,
+            &tlv(
+                0x30,
+                &[0x06, 0x03, 0x55, 0x04, 0x03, 0x13, 0x02, b'R', b'A'],
+            ),
+        ),
+    );
+    let by_serial = tlv(0x30, &[&issuer[..], &[0x02, 0x02, 0x01, 0x23]].concat());
+    assert_eq!(
+        pki_message_recipient(&enveloped_to(&by_serial)),
+        Ok(Recipient::IssuerSerial {
+            issuer: issuer.clone(),
+            serial: vec![0x01, 0x23]
+        })
+    );
+    let by_key = tlv(0x80, &[7; 20]);
+    assert_eq!(
+        pki_message_recipient(&enveloped_to(&by_key)),
+        Ok(Recipient::SubjectKeyId(vec![7; 20]))
+    );
+    // A key agreement recipient ([1]) is not SCEP's: no recipient, never a guess.
+    assert!(pki_message_recipient(&enveloped_to(&tlv(0xa1, &[]))).is_err());
 }

@@ -8,6 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -563,5 +564,106 @@ async fn doctor_warns_when_two_servers_certificates_cannot_be_told_apart() {
     assert!(
         ra.detail.contains("same issuer and serial number"),
         "{ra:?}"
+    );
+}
+
+/// A gateway over in-process NDES stand-ins, the cache off, no idle connection kept, probed
+/// once at start: after that, what the requests themselves meet decides where they go.
+async fn over(pki: &Pki, servers: &[SocketAddr]) -> Gateway {
+    let entries: String = servers
+        .iter()
+        .map(|a| {
+            format!(
+                "[[upstream.server]]\nurl = \"https://{a}{SCEP}\"\nserver_name = \"{}\"\n",
+                devpki::NDES_NAME
+            )
+        })
+        .collect();
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nca = {:?}\ncache_ttl = \"0s\"\nconnect_timeout = \"1s\"\npool_max_idle = 0\n{entries}[admin]\naddr = \"127.0.0.1:0\"\nprobe_interval = \"1h\"\n",
+        pki.pki.gateway_cert.display().to_string(),
+        pki.pki.gateway_key.display().to_string(),
+        pki.root().display().to_string(),
+    );
+    let gw = Gateway::start(&Config::parse(&text).unwrap())
+        .await
+        .unwrap();
+    for a in servers {
+        wait_for_metric(
+            &gw,
+            &format!("ndes_gateway_upstream_ready{{server=\"{a}\"}} 1"),
+        )
+        .await;
+    }
+    gw
+}
+
+fn caps_get() -> String {
+    format!(
+        "GET {SCEP}?operation=GetCACaps&message=x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_taking_connections_is_passed_over_and_set_aside() {
+    let pki = Pki::new();
+    let good = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let going = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let gone = going.addr;
+    let gw = over(&pki, &[gone, good.addr]).await;
+    // Up at its probe, gone since: its port refuses connections until the next probe, in 1 h.
+    drop(going);
+    for _ in 0..20 {
+        let r = raw_request(gw.local_addr(), pki.root(), caps_get().as_bytes()).await;
+        assert_eq!(r.status_line, "HTTP/1.1 200 OK", "{}", r.text());
+    }
+    assert_eq!(good.count(), 20);
+    let scrape = gw.metrics.render();
+    let refusals = series_sum(
+        &scrape,
+        &format!("ndes_gateway_upstream_errors_total{{kind=\"connect\",server=\"{gone}\"}}"),
+    );
+    // Tried, then set aside for 1 s, 2 s, 4 s...: five tries cover 31 s of requests. Asked at
+    // random instead, it would have refused about 10 of the 20.
+    assert!((1.0..=5.0).contains(&refusals), "{refusals}\n{scrape}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_ca_caps_answered_500_by_one_server_is_asked_of_the_other() {
+    let pki = Pki::new();
+    // Answers its probe, and 500 to everything a client sends.
+    let broken = Upstream::start(
+        Some((pki.ndes_cert.clone(), pki.ndes_key.clone())),
+        Arc::new(|seen: &Seen| {
+            if seen.target.contains("message=ndes-gateway") {
+                return caps_response(seen);
+            }
+            http::Response::builder()
+                .status(500)
+                .body(http_body_util::Full::new(Bytes::from_static(b"broken")))
+                .unwrap()
+        }),
+    )
+    .await;
+    let good = Upstream::tls(&pki.ndes_cert, &pki.ndes_key).await;
+    let gw = over(&pki, &[broken.addr, good.addr]).await;
+    for _ in 0..10 {
+        let r = raw_request(gw.local_addr(), pki.root(), caps_get().as_bytes()).await;
+        assert_eq!(r.status_line, "HTTP/1.1 200 OK", "{}", r.text());
+    }
+    assert_eq!(good.count(), 10);
+    assert!(broken.count() > 0, "the broken server was never asked");
+    // A PKIOperation is never asked twice: the broken server's 500 is the answer.
+    let pkiop = format!("POST {SCEP}?operation=PKIOperation HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbody");
+    let mut statuses = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let before = broken.count() + good.count();
+        let r = raw_request(gw.local_addr(), pki.root(), pkiop.as_bytes()).await;
+        assert_eq!(broken.count() + good.count(), before + 1, "sent twice");
+        statuses.insert(r.status_line);
+    }
+    assert!(
+        statuses.contains("HTTP/1.1 500 Internal Server Error"),
+        "{statuses:?}"
     );
 }

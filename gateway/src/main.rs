@@ -21,6 +21,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a first configuration: asks for the public name, the NDES URL and the public
+    /// certificate, shows the chain NDES presents for you to confirm, writes the NDES CA file,
+    /// the pins and a commented gateway.toml, and runs check and doctor on it. Every question
+    /// has a flag; with --yes (or without a terminal) nothing is asked.
+    ///
+    /// Unattended, for example:
+    ///   ndes-gateway init --yes --public-name scep.contoso.com \
+    ///     --ndes-url ndes01.corp.contoso.com --trust-fingerprint 3F:A2:... \
+    ///     --cert public.pem --key public.key --config /etc/ndes-gateway/gateway.toml
+    #[command(verbatim_doc_comment)]
+    Init(Box<ndes_gateway::cli::init::InitOptions>),
     /// Serve: publish the configured NDES until stopped (Ctrl-C or SIGTERM).
     Serve {
         /// The configuration file (TOML); see config/gateway.example.toml.
@@ -120,6 +131,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Init(options) => ndes_gateway::cli::init::run(&options, &runtime),
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::Check { config } => check(config),
         Command::Doctor {

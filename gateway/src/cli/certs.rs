@@ -109,6 +109,16 @@ pub async fn pins_of_server(
     addr: &str,
     server_name: &str,
 ) -> Result<Vec<(String, String)>, String> {
+    let chain = chain_of_server(addr, server_name).await?;
+    Ok(chain.iter().map(|c| pin_and_subject(c)).collect())
+}
+
+/// The chain a live server presents for `server_name`, server certificate first, unverified:
+/// for a person to look at and decide on, never to trust as it is.
+pub async fn chain_of_server(
+    addr: &str,
+    server_name: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let provider = crate::tls::provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -140,5 +150,5 @@ pub async fn pins_of_server(
         .1
         .peer_certificates()
         .ok_or("the server sent no certificate")?;
-    Ok(chain.iter().map(|c| pin_and_subject(c)).collect())
+    Ok(chain.iter().map(|c| c.clone().into_owned()).collect())
 }

@@ -1,4 +1,5 @@
-//! Subcommands beside `serve`: `doctor`, and the certificate helpers of `certs`.
+//! Subcommands beside `serve`: `init`, `doctor`, and the certificate helpers of `certs`.
 
 pub mod certs;
 pub mod doctor;
+pub mod init;
