@@ -8,7 +8,7 @@
   preflight NAME URL TARGET...  one request of each kind must get 200
   h2sum OUT LOG                 summarise an h2load run (its output and its --log-file)
   idle ...                      hold N idle TLS connections and read the proxy's memory
-  enrol ...                     N scepclient enrolments, P at a time
+  enrol ...                     N scepclient enrolments, P at a time (and which CA issued them)
   report DIR                    results.md and results.json from DIR/runs
 """
 
@@ -35,6 +35,7 @@ import urllib.request
 
 WORKLOADS = [
     ("getcacaps", "(a) GetCACaps, keep-alive"),
+    ("getcacaps_cached", "(a') GetCACaps, keep-alive, cache on (gateway cache_ttl 60s, nginx proxy_cache)"),
     ("long_get", "(b) GET PKIOperation, 62 KiB request-target"),
     ("post", "(c) POST PKIOperation, 3.8 KB body"),
     ("new_tls", "(d) new TLS connection per request"),
@@ -42,6 +43,11 @@ WORKLOADS = [
     ("enrol", "(g) real enrolments (scepclient)"),
 ]
 TARGETS = ["gateway", "nginx", "haproxy", "direct"]
+SEVERAL_TARGETS = [
+    ("gateway", "gateway, both as [[upstream.server]]"),
+    ("nginx_random", "nginx, upstream with `random`"),
+    ("nginx_iphash", "nginx, upstream with `ip_hash`"),
+]
 
 
 def rss_kib(pids):
@@ -302,7 +308,11 @@ def cmd_enrol(a):
     env = dict(os.environ, SSL_CERT_FILE=a.root)
     os.makedirs(a.workdir, exist_ok=True)
 
+    started = time.monotonic()
+
     def one(i):
+        if time.monotonic() - started > a.max_seconds:
+            return False, 0, [f"not started: the run's {a.max_seconds:.0f} s were over"]
         d = tempfile.mkdtemp(prefix=f"{a.prefix}-{i}-", dir=a.workdir)
         t0 = time.monotonic()
         try:
@@ -332,6 +342,13 @@ def cmd_enrol(a):
         "p99_us": int(percentile(times, 99) * 1e6) if times else None,
         "failures": sorted({" ".join(tail) for ok, _, tail in results if not ok})[:3],
     }
+    if a.depot:
+        # A CA's depot holds one <common name>.<serial>.pem per certificate it issued.
+        res["issued"] = {}
+        for spec in a.depot:
+            name, path = spec.split("=", 1)
+            res["issued"][name] = sum(1 for f in os.listdir(path)
+                                      if f.startswith(a.prefix + "-") and f.endswith(".pem"))
     json.dump(res, sys.stdout)
     print()
 
@@ -413,6 +430,40 @@ def fmt_ratio(r):
     return "n/a" if r is None else f"{r:.2f}"
 
 
+def several_report(md, meta, runs):
+    """The enrolments over two NDES hosts: per target, summed over the rounds."""
+    md.append("")
+    md.append(f"(h) Real enrolments over two NDES hosts, each a scepserver with a CA of its own behind its own "
+              f"TLS front: {meta.get('several', '?')} per target and round, {meta.get('several_parallel', '?')} "
+              "at a time, all from 127.0.0.1. Summed over the rounds; issued: certificates in each CA's depot "
+              "for this run's names.")
+    md.append("")
+    md.append("| target | enrolments | succeeded | failed | successes/s | issued by ndes01 / ndes02 | first failures |")
+    md.append("|---|---|---|---|---|---|---|")
+    per = {}
+    for t, label in SEVERAL_TARGETS:
+        rs = runs.get(t)
+        if not rs:
+            continue
+        v = {
+            "n": sum(r.get("n", 0) for r in rs),
+            "ok": sum(r.get("ok", 0) for r in rs),
+            "seconds": sum(r.get("seconds", 0) for r in rs),
+            "issued": {},
+            "failures": sorted({f for r in rs for f in r.get("failures", [])} | {r["note"] for r in rs if r.get("note")}),
+        }
+        for r in rs:
+            for k, c in (r.get("issued") or {}).items():
+                v["issued"][k] = v["issued"].get(k, 0) + c
+        v["failed"] = v["n"] - v["ok"]
+        v["rps"] = v["ok"] / v["seconds"] if v["seconds"] else None
+        per[t] = v
+        issued = " / ".join(str(v["issued"].get(h, "n/a")) for h in ("ndes01", "ndes02"))
+        why = "; ".join(f[:120] for f in v["failures"][:2]) or "–"
+        md.append(f"| {label} | {v['n']} | {v['ok']} | {v['failed']} | {fmt_rate(v['rps'])} | {issued} | {why} |")
+    return per
+
+
 def cmd_report(a):
     d = a.dir
     runs = load_runs(os.path.join(d, "runs"))
@@ -490,6 +541,8 @@ def cmd_report(a):
         md.append("| workload | target | proxy | user | system | stand-in |")
         md.append("|---|---|---|---|---|---|")
         md.extend(cpu_rows)
+    if "several" in runs:
+        out["several"] = several_report(md, meta, runs["several"])
     if "idle" in runs:
         md.append("")
         md.append(f"(f) {meta.get('idle', '?')} idle TLS connections, one GetCACaps each, then held; each round "
@@ -618,6 +671,10 @@ def main():
     s.add_argument("--challenge", default="secret")
     s.add_argument("--workdir", required=True)
     s.add_argument("--prefix", required=True)
+    s.add_argument("--depot", action="append", default=[], metavar="NAME=DIR",
+                   help="a CA's depot: count the certificates it issued to this run")
+    s.add_argument("--max-seconds", type=float, default=600,
+                   help="start no enrolment after this many seconds")
     s.set_defaults(f=cmd_enrol)
     s = sub.add_parser("report")
     s.add_argument("dir")

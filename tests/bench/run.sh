@@ -3,26 +3,36 @@
 # stand-in (nginx with TLS: on one port a static answer at every path, on another micromdm
 # scepserver behind /certsrv/mscep/mscep.dll), and the stand-in itself ("direct", the limit no
 # proxy can beat). Every target is asked for /certsrv/mscep/mscep.dll, the path a real NDES has.
+# The gateway runs with its cache off (cache_ttl "0s"), as nginx and HAProxy do not cache; one row
+# more, getcacaps_cached, compares its cache with nginx's proxy_cache. The workload "several" runs
+# real enrolments over two NDES hosts, each a scepserver with a CA of its own behind its own TLS
+# front: through the gateway with both as [[upstream.server]], and through nginx balancing them
+# with `random` and with `ip_hash`.
 #
 #   bash tests/bench/run.sh
 #
 # Writes results.md (printed at the end) and results.json to the run folder, and the raw output of
 # every run to its runs/ folder. Environment:
 #   BENCH_DIR             run folder (default: a new folder under /tmp)
-#   BENCH_QUICK=1         smoke run: 1 round, 2 s runs, 500 idle connections, 8 enrolments
+#   BENCH_QUICK=1         smoke run: 1 round, 2 s runs, 500 idle connections, 8 enrolments, 8 per
+#                         peer over two NDES
 #   BENCH_ROUNDS (3), BENCH_DURATION (5 s), BENCH_CONNECTIONS (32), BENCH_THREADS (1),
 #   BENCH_TLS_THREADS (wrk threads for a new TLS connection per request: 2),
 #   BENCH_IDLE (10000), BENCH_ENROL (40), BENCH_ENROL_PARALLEL (4)
-#   BENCH_WORKLOADS       a subset of: getcacaps long_get post new_tls h2 enrol idle
+#   BENCH_SEVERAL (6 per peer and round), BENCH_SEVERAL_PARALLEL (2): enrolments over two NDES
+#   BENCH_WORKLOADS       a subset of: getcacaps getcacaps_cached long_get post new_tls h2 enrol
+#                         several idle
 #   BENCH_GATEWAY_LOG     the gateway's log filter (default: no per-request lines, as the peers
 #                         run with access_log off; see gateway.toml.in)
 #   CARGO_TARGET_DIR      where cargo builds (default: <repo>/target)
 #   BENCH_GATEWAY_BIN     a gateway binary to measure instead of building this tree's (to compare
 #                         two versions on one machine)
+# shellcheck disable=SC2154 # start() sets each pid_<name> with printf -v
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
+# shellcheck source=/dev/null # scripts/lib.sh, checked on its own
 . "$repo/scripts/lib.sh"
 need_rust
 need_packages nginx-light:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:wrk nghttp2-client:h2load \
@@ -30,17 +40,22 @@ need_packages nginx-light:/usr/sbin/nginx haproxy:/usr/sbin/haproxy wrk:wrk nght
 
 if [[ ${BENCH_QUICK:-0} == 1 ]]; then
   ROUNDS=${BENCH_ROUNDS:-1} DURATION=${BENCH_DURATION:-2} IDLE=${BENCH_IDLE:-500} ENROL=${BENCH_ENROL:-8}
+  SEVERAL=${BENCH_SEVERAL:-8}
 else
   ROUNDS=${BENCH_ROUNDS:-3} DURATION=${BENCH_DURATION:-5} IDLE=${BENCH_IDLE:-10000} ENROL=${BENCH_ENROL:-40}
+  SEVERAL=${BENCH_SEVERAL:-6}
 fi
 CONNS=${BENCH_CONNECTIONS:-32} THREADS=${BENCH_THREADS:-1} TLS_THREADS=${BENCH_TLS_THREADS:-2}
-ENROL_PARALLEL=${BENCH_ENROL_PARALLEL:-4}
-WORKLOADS=${BENCH_WORKLOADS:-getcacaps long_get post new_tls h2 enrol idle}
+ENROL_PARALLEL=${BENCH_ENROL_PARALLEL:-4} SEVERAL_PARALLEL=${BENCH_SEVERAL_PARALLEL:-2}
+WORKLOADS=${BENCH_WORKLOADS:-getcacaps getcacaps_cached long_get post new_tls h2 enrol several idle}
 GATEWAY_LOG=${BENCH_GATEWAY_LOG:-info,ndes_gateway::access=off,ndes_gateway::scep=warn,rustls=error}
 LONG_TARGET_BYTES=63488   # about 62 KiB, under the 65534 that IIS, the gateway and the peers are set to
 POST_BODY_BYTES=3800
 TARGETS=(gateway nginx haproxy direct)
 PROXIES=(gateway nginx haproxy)
+CACHED_TARGETS=(gateway nginx)
+SEVERAL_TARGETS=(gateway nginx_random nginx_iphash)
+NDES_HOSTS=(ndes01 ndes02)
 bench() { python3 "$here/bench.py" "$@"; }
 started=$(date +%s) run_id=$(date +%H%M%S) load_start=$(cut -d" " -f1-3 /proc/loadavg)
 
@@ -60,7 +75,7 @@ rm -rf "$runs" "$dir/enrol" "$dir"/gateway-metrics.*.txt "$dir"/*.log && mkdir -
 echo "run folder: $dir"
 
 # ---- stop everything started here, whatever happens --------------------------------------------
-pids=() load_pid= sampler_pid=
+pids=() load_pid='' sampler_pid=''
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -100,15 +115,21 @@ if [[ ! -f root.pem ]]; then
     if [[ $n == ndes ]]; then san="DNS:ndes.corp.test,IP:127.0.0.1"; else san="DNS:scep.example.test,DNS:localhost,IP:127.0.0.1"; fi
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj "/CN=$n" 2>/dev/null
     openssl x509 -req -in $n.csr -CA root.pem -CAkey root.key -CAcreateserial -out $n.pem -days 30 \
-      -extfile <(printf "subjectAltName=$san\nextendedKeyUsage=serverAuth\n") 2>/dev/null
+      -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san") 2>/dev/null
   done
   cat gw.pem gw.key > gw-combined.pem
 fi
 [[ -d depot ]] || scepserver ca -init -depot depot >/dev/null 2>&1
+# Two NDES hosts, each with a CA of its own: with scepserver's default name both CA certificates
+# would have the same issuer and serial, and a PKIOperation's recipient could not tell them apart.
+for h in "${NDES_HOSTS[@]}"; do
+  [[ -d depot-$h ]] || scepserver ca -init -keySize 2048 -organization "$h" -depot "depot-$h" >/dev/null 2>&1
+done
 
 # ---- configs ----------------------------------------------------------------------------------
 read -r SCEP_PORT STATIC_PORT UPSTREAM_PORT NGINX_PORT NGINX_ENROL_PORT HAPROXY_PORT HAPROXY_ENROL_PORT \
-  GW_PORT GW_ADMIN GWE_PORT GWE_ADMIN < <(bench ports 11)
+  GW_PORT GW_ADMIN GWE_PORT GWE_ADMIN SCEP1_PORT SCEP2_PORT NDES1_PORT NDES2_PORT NGINX_CACHED_PORT \
+  NGINX_RANDOM_PORT NGINX_IPHASH_PORT GWC_PORT GWC_ADMIN GWS_PORT GWS_ADMIN < <(bench ports 22)
 render() { # template output [extra sed expressions]
   local in=$1 out=$2; shift 2
   sed -e "s|@DIR@|$dir|g; s|@SCEP_PORT@|$SCEP_PORT|g; s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
@@ -116,15 +137,34 @@ render() { # template output [extra sed expressions]
     -e "s|@HAPROXY_ENROL_PORT@|$HAPROXY_ENROL_PORT|g" \
     -e "s|@NGINX_PORT@|$NGINX_PORT|g; s|@HAPROXY_PORT@|$HAPROXY_PORT|g; s|@MAXCONN@|$maxconn|g" \
     -e "s|@WORKER_CONNECTIONS@|$maxconn|g; s|@NOFILE@|$nofile|g; s|@LOG_LEVEL@|$GATEWAY_LOG|g" \
+    -e "s|@SCEP1_PORT@|$SCEP1_PORT|g; s|@SCEP2_PORT@|$SCEP2_PORT|g; s|@NDES1_PORT@|$NDES1_PORT|g" \
+    -e "s|@NDES2_PORT@|$NDES2_PORT|g; s|@NGINX_CACHED_PORT@|$NGINX_CACHED_PORT|g" \
+    -e "s|@NGINX_RANDOM_PORT@|$NGINX_RANDOM_PORT|g; s|@NGINX_IPHASH_PORT@|$NGINX_IPHASH_PORT|g" \
     "$@" "$here/$in" > "$dir/$out"
 }
 render upstream-nginx.conf.in upstream-nginx.conf
+render peer-nginx-http.conf.in peer-nginx-http.conf
 render peer-nginx.conf.in peer-nginx.conf
+render peer-nginx-several.conf.in peer-nginx-several.conf
 render peer-haproxy.cfg.in peer-haproxy.cfg
-render gateway.toml.in gateway.toml -e "s|@LISTEN_PORT@|$GW_PORT|; s|@ADMIN_PORT@|$GW_ADMIN|; s|@NDES_PORT@|$STATIC_PORT|"
-render gateway.toml.in gateway-enrol.toml -e "s|@LISTEN_PORT@|$GWE_PORT|; s|@ADMIN_PORT@|$GWE_ADMIN|; s|@NDES_PORT@|$UPSTREAM_PORT|"
-"$gateway_bin" check --config gateway.toml > gateway-check.txt
-"$gateway_bin" check --config gateway-enrol.toml > gateway-enrol-check.txt
+gateway_config() { # name listen-port admin-port cache-ttl ndes-port...: with several NDES ports,
+  # one [[upstream.server]] entry each in place of [upstream] url and server_name
+  local name=$1 listen=$2 admin=$3 ttl=$4 p; shift 4
+  render gateway.toml.in "$name.toml" \
+    -e "s|@LISTEN_PORT@|$listen|; s|@ADMIN_PORT@|$admin|; s|@CACHE_TTL@|$ttl|; s|@NDES_PORT@|$1|"
+  if (($# > 1)); then
+    sed -i '/^url = /d; /^server_name = /d' "$dir/$name.toml"
+    for p in "$@"; do
+      printf '\n[[upstream.server]]\nurl = "https://127.0.0.1:%s/certsrv/mscep/mscep.dll"\nserver_name = "ndes.corp.test"\n' \
+        "$p" >> "$dir/$name.toml"
+    done
+  fi
+  "$gateway_bin" check --config "$name.toml" > "$name-check.txt"
+}
+gateway_config gateway "$GW_PORT" "$GW_ADMIN" 0s "$STATIC_PORT"
+gateway_config gateway-enrol "$GWE_PORT" "$GWE_ADMIN" 0s "$UPSTREAM_PORT"
+gateway_config gateway-cached "$GWC_PORT" "$GWC_ADMIN" 60s "$STATIC_PORT"
+gateway_config gateway-several "$GWS_PORT" "$GWS_ADMIN" 0s "$NDES1_PORT" "$NDES2_PORT"
 
 # ---- start ------------------------------------------------------------------------------------
 start() { # name command...
@@ -145,23 +185,34 @@ wait_port() { # name port
   echo "$name does not listen on $port" >&2; exit 1
 }
 start scepserver scepserver -depot "$dir/depot" -port "$SCEP_PORT" -challenge secret
+start scepserver-ndes01 scepserver -depot "$dir/depot-ndes01" -port "$SCEP1_PORT" -challenge secret
+start scepserver-ndes02 scepserver -depot "$dir/depot-ndes02" -port "$SCEP2_PORT" -challenge secret
 start upstream nginx -p "$dir" -e "$dir/upstream-error.log" -c "$dir/upstream-nginx.conf" -g 'daemon off;'
 start nginx nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/peer-nginx.conf" -g 'daemon off;'
+start nginx-several nginx -p "$dir" -e "$dir/nginx-several-error.log" -c "$dir/peer-nginx-several.conf" -g 'daemon off;'
 start haproxy haproxy -db -f "$dir/peer-haproxy.cfg"
-start gateway "$gateway_bin" serve --config "$dir/gateway.toml"
-start gateway-enrol "$gateway_bin" serve --config "$dir/gateway-enrol.toml"
+for g in gateway gateway-enrol gateway-cached gateway-several; do
+  start "$g" "$gateway_bin" serve --config "$dir/$g.toml"
+done
 wait_port scepserver "$SCEP_PORT"; wait_port upstream "$STATIC_PORT"; wait_port upstream "$UPSTREAM_PORT"
+wait_port scepserver-ndes01 "$SCEP1_PORT"; wait_port scepserver-ndes02 "$SCEP2_PORT"
+wait_port upstream "$NDES1_PORT"; wait_port upstream "$NDES2_PORT"
+wait_port nginx-several "$NGINX_CACHED_PORT"; wait_port nginx-several "$NGINX_RANDOM_PORT"
+wait_port nginx-several "$NGINX_IPHASH_PORT"
 wait_port nginx "$NGINX_PORT"; wait_port nginx "$NGINX_ENROL_PORT"
 wait_port haproxy "$HAPROXY_PORT"; wait_port haproxy "$HAPROXY_ENROL_PORT"
 # /healthz rather than a probe of the TLS port, which the gateway would count as a failed handshake.
 bench wait-ready "http://127.0.0.1:$GW_ADMIN/healthz" 30
 bench wait-ready "http://127.0.0.1:$GWE_ADMIN/healthz" 30
+bench wait-ready "http://127.0.0.1:$GWC_ADMIN/healthz" 30
+bench wait-ready "http://127.0.0.1:$GWS_ADMIN/healthz" 30
 
-# Memory is read from the processes that hold the connections: nginx's workers, not its master.
+# Memory is read from the processes that hold the connections: nginx's workers, not its master
+# (nor the cache manager and loader of the nginx with a cache).
 workers() { # master pid
   local w
   for _ in $(seq 50); do
-    w=$(pgrep -P "$1" | paste -sd,)
+    w=$(pgrep -P "$1" -f 'worker process' | paste -sd,)
     [[ -n $w ]] && { echo "$w"; return; }
     sleep 0.1
   done
@@ -172,12 +223,21 @@ mem_pids[gateway]=$pid_gateway
 mem_pids[nginx]=$(workers "$pid_nginx")
 mem_pids[haproxy]=$pid_haproxy
 mem_pids[direct]=$(workers "$pid_upstream")
-mem_pids[gateway-enrol]=$pid_gateway_enrol
+# What a workload measures where it is not the target's main process: "workload:target".
+mem_pids[enrol:gateway]=$pid_gateway_enrol
+mem_pids[getcacaps_cached:gateway]=$pid_gateway_cached
+mem_pids[getcacaps_cached:nginx]=$(workers "$pid_nginx_several")
+mem_pids[several:gateway]=$pid_gateway_several
+mem_pids[several:nginx_random]=${mem_pids[getcacaps_cached:nginx]}
+mem_pids[several:nginx_iphash]=${mem_pids[getcacaps_cached:nginx]}
 port=([gateway]=$GW_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [direct]=$STATIC_PORT)
 declare -A enrol_port=([gateway]=$GWE_PORT [nginx]=$NGINX_ENROL_PORT [haproxy]=$HAPROXY_ENROL_PORT [direct]=$UPSTREAM_PORT)
+declare -A cached_port=([gateway]=$GWC_PORT [nginx]=$NGINX_CACHED_PORT)
+declare -A several_port=([gateway]=$GWS_PORT [nginx_random]=$NGINX_RANDOM_PORT [nginx_iphash]=$NGINX_IPHASH_PORT)
+mscep() { echo "https://127.0.0.1:$1/certsrv/mscep/mscep.dll"; }
 for t in "${TARGETS[@]}"; do
-  url[$t]=https://127.0.0.1:${port[$t]}/certsrv/mscep/mscep.dll
-  enrol_url[$t]=https://127.0.0.1:${enrol_port[$t]}/certsrv/mscep/mscep.dll
+  url[$t]=$(mscep "${port[$t]}")
+  enrol_url[$t]=$(mscep "${enrol_port[$t]}")
 done
 
 bench pkcsreq "http://127.0.0.1:$SCEP_PORT/scep" "$dir/pkcsreq.der" "$POST_BODY_BYTES" > "$dir/pkcsreq.size"
@@ -193,6 +253,9 @@ if ((${#long_target} > 65534)); then
 fi
 for t in "${TARGETS[@]}"; do
   bench preflight "$t" "${url[$t]}" "$long_target" "$dir/pkcsreq.der"
+done
+for t in "${CACHED_TARGETS[@]}"; do
+  bench preflight "$t-cached" "$(mscep "${cached_port[$t]}")" "$long_target" "$dir/pkcsreq.der"
 done
 
 # ---- runs -------------------------------------------------------------------------------------
@@ -252,8 +315,7 @@ cpu_ticks() { # pid,pid...: user and system clock ticks, summed over the process
 measure() { # workload target round command...: the command's output, the target's peak memory,
   # and the CPU time the target and the stand-in spent during the run
   local w=$1 t=$2 r=$3; shift 3
-  local base=$runs/$w.$t.$r mem=${mem_pids[$t]} standin=${mem_pids[direct]} before
-  [[ $w == enrol && $t == gateway ]] && mem=${mem_pids[gateway-enrol]}
+  local base=$runs/$w.$t.$r mem=${mem_pids[$w:$t]:-${mem_pids[$t]}} standin=${mem_pids[direct]} before
   before="$(cpu_ticks "$mem") $(cpu_ticks "$standin")"
   sample_rss "$base.rss" "$mem" & sampler_pid=$!
   "$@" > "$base.out" 2>&1 & load_pid=$!
@@ -277,6 +339,7 @@ run_one() { # workload target round
   local w=$1 t=$2 r=$3
   case $w in
     getcacaps) wrk_run "$@" "${url[$t]}?operation=GetCACaps" ;;
+    getcacaps_cached) wrk_run "$@" "$(mscep "${cached_port[$t]}")?operation=GetCACaps" ;;
     long_get) wrk_run "$@" "https://127.0.0.1:${port[$t]}$long_target" ;;
     post) BENCH_BODY=$dir/pkcsreq.der wrk_run "$@" "${url[$t]}?operation=PKIOperation" ;;
     # A TLS client's handshake costs more than a server's, so one wrk thread would saturate its core
@@ -292,6 +355,11 @@ run_one() { # workload target round
       # this run or an earlier one in the same folder, has its own.
       measure "$@" bench enrol --url "${enrol_url[$t]}" --n "$ENROL" --parallel "$ENROL_PARALLEL" \
         --root "$dir/root.pem" --workdir "$dir/enrol/$t.$r" --prefix "bench-$run_id-$t-$r" ;;
+    several)
+      # Each NDES host's depot tells how many certificates it issued in this run.
+      measure "$@" bench enrol --url "$(mscep "${several_port[$t]}")" --n "$SEVERAL" \
+        --parallel "$SEVERAL_PARALLEL" --root "$dir/root.pem" --workdir "$dir/enrol/several.$t.$r" \
+        --prefix "bench-$run_id-several-$t-$r" --depot "ndes01=$dir/depot-ndes01" --depot "ndes02=$dir/depot-ndes02" ;;
   esac
 }
 
@@ -300,9 +368,13 @@ for t in "${TARGETS[@]}"; do
   wrk -t1 -c"$CONNS" -d1s "${url[$t]}?operation=GetCACaps" > "$dir/warmup.$t.txt" 2>&1
 done
 for w in $WORKLOADS; do
-  ts=("${TARGETS[@]}")
-  # What one held connection costs is a question for the proxies; the stand-in is nginx again.
-  [[ $w == idle ]] && ts=("${PROXIES[@]}")
+  case $w in
+    # What one held connection costs is a question for the proxies; the stand-in is nginx again.
+    idle) ts=("${PROXIES[@]}") ;;
+    getcacaps_cached) ts=("${CACHED_TARGETS[@]}") ;;
+    several) ts=("${SEVERAL_TARGETS[@]}") ;;
+    *) ts=("${TARGETS[@]}") ;;
+  esac
   for r in $(seq "$ROUNDS"); do
     for t in "${ts[@]}"; do
       echo "$w: $t, round $r/$ROUNDS"
@@ -327,6 +399,8 @@ elapsed=$(($(date +%s) - started))
   echo "idle=$IDLE"
   echo "enrol=$ENROL"
   echo "enrol_parallel=$ENROL_PARALLEL"
+  echo "several=$SEVERAL"
+  echo "several_parallel=$SEVERAL_PARALLEL"
   echo "post_body_bytes=$(cat "$dir/pkcsreq.size")"
   echo "long_target_bytes=${#long_target}"
   echo "gateway_log=$GATEWAY_LOG"
