@@ -438,7 +438,7 @@ def several_report(md, meta, runs):
               "at a time, all from 127.0.0.1. Summed over the rounds; issued: certificates in each CA's depot "
               "for this run's names.")
     md.append("")
-    md.append("| target | enrolments | succeeded | failed | successes/s | issued by ndes01 / ndes02 | first failures |")
+    md.append("| target | enrolments | succeeded | failed | successes/s | issued by ndes01 / ndes02 | failures, in the CA's words |")
     md.append("|---|---|---|---|---|---|---|")
     per = {}
     for t, label in SEVERAL_TARGETS:
@@ -459,8 +459,16 @@ def several_report(md, meta, runs):
         v["rps"] = v["ok"] / v["seconds"] if v["seconds"] else None
         per[t] = v
         issued = " / ".join(str(v["issued"].get(h, "n/a")) for h in ("ndes01", "ndes02"))
-        why = "; ".join(f[:120] for f in v["failures"][:2]) or "–"
+        # scepclient's verdict ends with the CA's own words, after "msg: ".
+        why = "; ".join(f.rsplit("msg: ", 1)[-1][:160] for f in v["failures"][:2]) or "–"
         md.append(f"| {label} | {v['n']} | {v['ok']} | {v['failed']} | {fmt_rate(v['rps'])} | {issued} | {why} |")
+    md.append("")
+    md.append("A PKIOperation is encrypted to the CA certificate its client got from GetCACert, and only that "
+              "NDES host can open it. `ip_hash` keeps each client address on one host: here every client comes "
+              "from 127.0.0.1, so all went to one host and the other stayed idle. It holds only while a client "
+              "keeps one address and every balancer agrees on the hash: a phone behind carrier NAT can leave from "
+              "another address between GetCACert and PKIOperation, and balancer replicas that disagree on which "
+              "host is up send one client to both; then it fails as `random` does.")
     return per
 
 
