@@ -171,7 +171,7 @@ gateway_config() { # name listen-port admin-port cache-ttl ndes-port...: with se
     cat "$name-check.txt" >&2
     exit 1
   else
-    echo "$gateway_bin cannot run $name, which has no row then: $(tail -1 "$name-check.txt")" >&2
+    echo "$gateway_bin cannot run $name, which has no row then: $(awk 'NF { l = $0 } END { print l }' "$name-check.txt")" >&2
   fi
 }
 declare -A admin_port=([gateway]=$GW_ADMIN [gateway-enrol]=$GWE_ADMIN [gateway-cached]=$GWC_ADMIN [gateway-several]=$GWS_ADMIN)
