@@ -608,16 +608,18 @@ def cmd_report(a):
         md.append("")
         md.append("The gateway's own counters (the throughput instance, over all its restarts), other than 200 answers: "
                   + (", ".join(f"`{k}` {v:.0f}" for k, v in sorted(odd.items())) or "none") + ".")
-    ca_log = os.path.join(d, "scepserver.log")
-    if os.path.exists(ca_log):
+    # scepserver.log, and scepserver-ndes01.log and -ndes02.log for the two NDES hosts.
+    ca_logs = sorted(n for n in os.listdir(d) if re.fullmatch(r"scepserver(-\w+)?\.log", n))
+    if ca_logs:
         refusals = {}
-        with open(ca_log, errors="replace") as f:
-            for line in f:
-                m = re.search(r'msg="failed to sign CSR" err="([^"]*)"', line)
-                # The recorded POST body is made with a wrong challenge on purpose.
-                if m and m.group(1) != "invalid challenge":
-                    reason = m.group(1).replace(os.path.abspath(d) + "/", "")
-                    refusals[reason] = refusals.get(reason, 0) + 1
+        for name in ca_logs:
+            with open(os.path.join(d, name), errors="replace") as f:
+                for line in f:
+                    m = re.search(r'msg="failed to sign CSR" err="([^"]*)"', line)
+                    # The recorded POST body is made with a wrong challenge on purpose.
+                    if m and m.group(1) != "invalid challenge":
+                        reason = m.group(1).replace(os.path.abspath(d) + "/", "")
+                        refusals[reason] = refusals.get(reason, 0) + 1
         out["ca_refusals"] = refusals
         if refusals:
             md.append("")
