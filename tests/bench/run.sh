@@ -205,12 +205,14 @@ start upstream nginx -p "$dir" -e "$dir/upstream-error.log" -c "$dir/upstream-ng
 start nginx nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/peer-nginx.conf" -g 'daemon off;'
 start nginx-several nginx -p "$dir" -e "$dir/nginx-several-error.log" -c "$dir/peer-nginx-several.conf" -g 'daemon off;'
 start haproxy haproxy -db -f "$dir/peer-haproxy.cfg"
-for g in "${gateways[@]}"; do
-  start "$g" "$gateway_bin" serve --config "$dir/$g.toml"
-done
 wait_port scepserver "$SCEP_PORT"; wait_port upstream "$STATIC_PORT"; wait_port upstream "$UPSTREAM_PORT"
 wait_port scepserver-ndes01 "$SCEP1_PORT"; wait_port scepserver-ndes02 "$SCEP2_PORT"
 wait_port upstream "$NDES1_PORT"; wait_port upstream "$NDES2_PORT"
+# The gateways after the stand-in: one that finds NDES down at start is ready only after its next
+# probe, seconds later.
+for g in "${gateways[@]}"; do
+  start "$g" "$gateway_bin" serve --config "$dir/$g.toml"
+done
 wait_port nginx-several "$NGINX_CACHED_PORT"; wait_port nginx-several "$NGINX_RANDOM_PORT"
 wait_port nginx-several "$NGINX_IPHASH_PORT"
 wait_port nginx "$NGINX_PORT"; wait_port nginx "$NGINX_ENROL_PORT"
