@@ -70,9 +70,8 @@ impl Ndes {
     }
 }
 
-/// The answers every unattended run gives: where, the public name and certificate, NDES's URL.
-fn unattended(ndes: &Ndes, out: &Path) -> Vec<String> {
-    let pki = &ndes.pki;
+/// Where, the public name and NDES's URL: what every unattended run answers.
+fn answers(ndes: &Ndes, out: &Path) -> Vec<String> {
     [
         "--yes",
         "--config",
@@ -81,13 +80,25 @@ fn unattended(ndes: &Ndes, out: &Path) -> Vec<String> {
         devpki::PUBLIC_NAME,
         "--ndes-url",
         &ndes.url(),
-        "--cert",
-        pki.gateway_cert.to_str().unwrap(),
-        "--key",
-        pki.gateway_key.to_str().unwrap(),
     ]
     .map(str::to_owned)
     .to_vec()
+}
+
+/// The same, with the public certificate as PEM files.
+fn unattended(ndes: &Ndes, out: &Path) -> Vec<String> {
+    let pki = &ndes.pki;
+    let mut args = answers(ndes, out);
+    args.extend(
+        [
+            "--cert",
+            pki.gateway_cert.to_str().unwrap(),
+            "--key",
+            pki.gateway_key.to_str().unwrap(),
+        ]
+        .map(str::to_owned),
+    );
+    args
 }
 
 fn init<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
@@ -386,6 +397,39 @@ async fn init_with_two_ndes_urls_writes_server_entries_the_gateway_reads() {
         .map(|s| s.url)
         .collect();
     assert_eq!(urls, [ndes.url(), second_url]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_with_acme_writes_a_config_whose_certificate_comes_at_the_first_start() {
+    let ndes = Ndes::start(false).await;
+    let out = ndes.dir.path().join("etc/gateway.toml");
+    let mut args = answers(&ndes, &out);
+    let more = [
+        "--trust-fingerprint",
+        &ndes.leaf_fingerprint(),
+        "--ndes-ca",
+        ndes.pki.root.to_str().unwrap(),
+        "--cert-source",
+        "acme",
+        "--acme-directory",
+        "https://127.0.0.1:14000/dir",
+        "--acme-contact",
+        "pki@example.test",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(more.map(str::to_owned));
+    let run = init(&args);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(
+        text(&run).contains("comes from the ACME server"),
+        "{}",
+        text(&run)
+    );
+    let config = checked(&out);
+    let acme = config.listen.acme.expect("a [listen.acme] section");
+    assert_eq!(acme.directory, "https://127.0.0.1:14000/dir");
+    assert_eq!(acme.domains, [devpki::PUBLIC_NAME]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
