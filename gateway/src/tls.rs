@@ -131,9 +131,11 @@ impl ListenerCertificate {
 
 impl ResolvesServerCert for ListenerCertificate {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let acme = hello
-            .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        // A validation offers `acme-tls/1` and nothing else (RFC 8737, section 3); a client
+        // that offers it among others is an ordinary one and gets the serving certificate.
+        let acme = hello.alpn().is_some_and(|mut offered| {
+            offered.next() == Some(ACME_TLS_ALPN) && offered.next().is_none()
+        });
         if acme {
             // Only the challenge certificate, and only for a name being validated: the CA must
             // never see the serving certificate on this protocol (RFC 8737, section 3).

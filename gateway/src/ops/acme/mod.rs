@@ -224,9 +224,12 @@ impl Acme {
         let Some(leaf) = current.and_then(|c| c.cert.first()) else {
             return (SystemTime::now(), None);
         };
-        if names_in(leaf) != normalized(self.setup.config.domains.clone()) {
-            // `domains` changed since the stored certificate was issued: order for the new set
-            // now; the old certificate serves meanwhile.
+        let issued = names_in(leaf);
+        let wanted = normalized(self.setup.config.domains.clone());
+        if !wanted.iter().all(|name| issued.contains(name)) {
+            // A configured name is missing from the stored certificate (`domains` changed since
+            // it was issued): order for the new set now; the old certificate serves meanwhile.
+            // Names the CA added on its own are no reason: ordering again would get them again.
             return (SystemTime::now(), None);
         }
         let directory = &self.setup.config.directory;

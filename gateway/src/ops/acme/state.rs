@@ -17,6 +17,8 @@ const ACCOUNT: &str = "account.json";
 const CERTIFICATE: &str = "certificate.pem";
 const KEY: &str = "certificate.key";
 const STATUS: &str = "status.json";
+/// The suffix of a certificate or key written and not yet in place.
+const NEXT: &str = ".next";
 
 /// What the renewal loop last did, written after each order for `doctor` to read.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -71,6 +73,7 @@ impl StateDir {
     /// The stored certificate and key, when both are there. A pair that does not load is an
     /// error: better said at start than replaced behind the operator's back.
     pub fn certificate(&self) -> Result<Option<Arc<CertifiedKey>>, ConfigError> {
+        self.finish_swap();
         let (cert, key) = (self.certificate_path(), self.key_path());
         if !cert.exists() || !key.exists() {
             return Ok(None);
@@ -78,10 +81,47 @@ impl StateDir {
         tls::load_certified_key(&cert, &key).map(Some)
     }
 
+    /// Both files are written whole beside the pair in force first, then put in place key
+    /// first: a stop between the two renames leaves the new certificate waiting as
+    /// `certificate.pem.next`, which the next load puts in place, so the pair on disk always
+    /// matches.
     pub fn save_certificate(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
-        // The key first: a certificate is never on disk without its key beside it.
-        self.write_private(KEY, key_pem.as_bytes())?;
-        self.write_private(CERTIFICATE, chain_pem.as_bytes())
+        let (cert_next, key_next) = (format!("{CERTIFICATE}{NEXT}"), format!("{KEY}{NEXT}"));
+        self.write_private(&key_next, key_pem.as_bytes())?;
+        self.write_private(&cert_next, chain_pem.as_bytes())?;
+        let rename = |from: &str, to: &str| {
+            std::fs::rename(self.dir.join(from), self.dir.join(to))
+                .map_err(|e| format!("{}: {e}", self.dir.join(to).display()))
+        };
+        rename(&key_next, KEY)?;
+        rename(&cert_next, CERTIFICATE)?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// Completes a swap a stop cut short: the new key is in place and its certificate still
+    /// waits. A swap that had not begun (both waiting) is dropped: the old pair still matches.
+    fn finish_swap(&self) {
+        let cert_next = self.dir.join(format!("{CERTIFICATE}{NEXT}"));
+        let key_next = self.dir.join(format!("{KEY}{NEXT}"));
+        match (cert_next.exists(), key_next.exists()) {
+            (true, false) => {
+                let _ = std::fs::rename(&cert_next, self.certificate_path());
+            }
+            (true, true) | (false, true) => {
+                let _ = std::fs::remove_file(&cert_next);
+                let _ = std::fs::remove_file(&key_next);
+            }
+            (false, false) => {}
+        }
+        self.sync_dir();
+    }
+
+    /// The renames made durable: a power cut after a swap finds the new pair, or the old.
+    fn sync_dir(&self) {
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
     }
 
     /// The stored account, when it belongs to `directory`: an account at another CA (the
@@ -152,6 +192,46 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_swap_cut_short_between_its_renames_is_completed_at_the_next_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(&tmp.path().join("acme"));
+        state.prepare().unwrap();
+        let old = rcgen::generate_simple_self_signed(vec!["old.test".to_owned()]).unwrap();
+        let new = rcgen::generate_simple_self_signed(vec!["new.test".to_owned()]).unwrap();
+        state
+            .save_certificate(&old.cert.pem(), &old.signing_key.serialize_pem())
+            .unwrap();
+        // The new pair written, the key put in place, then a stop.
+        state
+            .save_certificate(&new.cert.pem(), &new.signing_key.serialize_pem())
+            .unwrap();
+        std::fs::rename(
+            state.certificate_path(),
+            state.dir.join(format!("{CERTIFICATE}{NEXT}")),
+        )
+        .unwrap();
+        std::fs::write(state.certificate_path(), old.cert.pem()).unwrap();
+        let loaded = state.certificate().unwrap().expect("a pair");
+        assert_eq!(loaded.cert[0].as_ref(), new.cert.der().as_ref());
+        // Both waiting: the swap had not begun, the old pair stays.
+        state
+            .save_certificate(&old.cert.pem(), &old.signing_key.serialize_pem())
+            .unwrap();
+        std::fs::write(
+            state.dir.join(format!("{KEY}{NEXT}")),
+            new.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        std::fs::write(
+            state.dir.join(format!("{CERTIFICATE}{NEXT}")),
+            new.cert.pem(),
+        )
+        .unwrap();
+        let loaded = state.certificate().unwrap().expect("a pair");
+        assert_eq!(loaded.cert[0].as_ref(), old.cert.der().as_ref());
+    }
 
     #[cfg(unix)]
     #[test]
