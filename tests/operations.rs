@@ -15,7 +15,8 @@ use ndes_gateway::dev::devpki::{self, DevCa};
 use ndes_gateway::Gateway;
 use tokio::io::AsyncWriteExt;
 
-/// A gateway with plain-text settings in front of `upstream` over TLS with the dev root.
+/// A gateway with plain-text settings in front of `upstream` over TLS with the dev root; the
+/// cache off, so that what NDES counts is what clients sent.
 fn config(pki: &Pki, upstream: std::net::SocketAddr, extra: &str) -> Config {
     Config::parse(&format!(
         r#"
@@ -27,6 +28,7 @@ key = {key:?}
 url = "https://{upstream}{SCEP}"
 ca = {ca:?}
 server_name = "{ndes}"
+cache_ttl = "0s"
 {extra}
 "#,
         cert = pki.pki.gateway_cert.display().to_string(),

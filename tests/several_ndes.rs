@@ -467,6 +467,16 @@ async fn a_second_get_ca_cert_within_the_ttl_is_answered_from_the_cache() {
     assert_eq!(first.body, second.body);
     assert_eq!(first.header("content-type"), second.header("content-type"));
     assert_eq!(s.upstream.count(), 1, "the second GetCACert reached NDES");
+    // NDES answers GetCACert alike whatever the message: another one is no way past the cache.
+    let other = s
+        .get(&format!("{SCEP}?operation=GetCACert&message=other"))
+        .await;
+    assert_eq!(other.body, first.body);
+    assert_eq!(
+        s.upstream.count(),
+        1,
+        "a GetCACert with another message reached NDES"
+    );
     // Another question is another entry: it goes to NDES.
     let caps = s
         .get(&format!("{SCEP}?operation=GetCACaps&message=ca"))
@@ -475,7 +485,7 @@ async fn a_second_get_ca_cert_within_the_ttl_is_answered_from_the_cache() {
     assert_eq!(s.upstream.count(), 2);
     let scrape = s.gateway.metrics.render();
     for line in [
-        "ndes_gateway_cache_requests_total{operation=\"GetCACert\",result=\"hit\"} 1",
+        "ndes_gateway_cache_requests_total{operation=\"GetCACert\",result=\"hit\"} 2",
         "ndes_gateway_cache_requests_total{operation=\"GetCACert\",result=\"miss\"} 1",
         "ndes_gateway_cache_requests_total{operation=\"GetCACaps\",result=\"miss\"} 1",
     ] {

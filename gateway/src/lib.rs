@@ -188,6 +188,11 @@ impl Gateway {
             &config.upstream,
             metrics.clone(),
             config.admin.probe_interval,
+            config.scep.expired_ra == config::ExpiredRa::Fail,
+            config
+                .limits
+                .request_timeout
+                .saturating_sub(config.limits.body_timeout),
         )?);
         let labels: Vec<&str> = cluster.servers.iter().map(|s| s.label.as_str()).collect();
         metrics.start_at_zero(

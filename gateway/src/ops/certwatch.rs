@@ -14,6 +14,9 @@ use crate::ops::admin::Readiness;
 use crate::tls::ListenerCertificate;
 use crate::upstream::cluster::{Cluster, Server};
 
+/// How soon a server whose RA set is not known yet is asked for it again.
+const UNKNOWN_RA_RETRY: Duration = Duration::from_secs(10);
+
 /// GetCACert answers are a few KB; anything past this is not one.
 const MAX_CA_CERT_BYTES: usize = 256 * 1024;
 
@@ -89,13 +92,25 @@ impl CertWatch {
     pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unknown = false;
         loop {
+            // A server whose RA set is not known yet (down at start, say) cannot be routed to:
+            // it is asked again soon rather than at the next interval.
+            let soon = async {
+                if unknown {
+                    tokio::time::sleep(UNKNOWN_RA_RETRY).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = soon => {}
                 _ = self.expiry.recheck.notified() => {}
             }
             self.check().await;
+            unknown = self.cluster.servers.iter().any(|s| s.knows_no_ra_set());
         }
     }
 

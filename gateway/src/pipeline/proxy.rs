@@ -391,11 +391,6 @@ impl Proxy {
             } else {
                 parse_get_message(parts.uri.query().unwrap_or(""))
             };
-            if self.cluster.is_many() {
-                route = self
-                    .cluster
-                    .route(recipient(&parts.method, &parts.uri, &body).as_ref());
-            }
             let request = match parsed {
                 Ok(msg) => Some(msg),
                 Err(e) => {
@@ -420,6 +415,12 @@ impl Proxy {
                 request,
                 response: None,
             });
+            // Read once the request is known to go on: a refused one is never routed.
+            if self.cluster.is_many() {
+                route = self
+                    .cluster
+                    .route(recipient(&parts.method, &parts.uri, &body).as_ref());
+            }
         }
 
         // GetCACaps and GetCACert may go twice if a reused connection closes under them, or to

@@ -33,14 +33,11 @@ use crate::config::{ConfigError, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::scep::{ca_and_ra, parse_ca_certs, Recipient, Watched};
 
-/// A server refused twice in a row is set aside this long, then twice as long each time, up to
+/// A server that refused a connection is set aside this long, then twice as long each time, up to
 /// `EJECT_MAX`: short enough that a restarted IIS is back in seconds, long enough that a dead
 /// one costs a connect timeout only now and then.
 const EJECT_FIRST: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
-/// GetCACaps and GetCACert answers kept per server; more distinct queries than this (a client
-/// varying the `message` parameter) are answered without being kept.
-const CACHE_ENTRIES: usize = 32;
 
 /// What the probe said last.
 const PROBE_UNKNOWN: u8 = 0;
@@ -56,7 +53,15 @@ pub struct RaSet {
     pub names: Vec<Recipient>,
     /// For the expiry gauge.
     pub watched: Vec<Watched>,
+    /// The set before this one, still routed to until then: a device that fetched GetCACert
+    /// just before NDES's RA certificates were renewed (NDES keeps the old key) encrypts to the
+    /// old certificate, and a cache may hand it out for `cache_ttl` more.
+    pub previous: Option<(Bytes, Vec<Recipient>, Instant)>,
 }
+
+/// How long a server's previous RA certificates still route to it, beyond `cache_ttl`: time for
+/// a device that read them to send its PKIOperation.
+const PREVIOUS_RA_GRACE: Duration = Duration::from_secs(600);
 
 struct Cached {
     answer: Arc<Answer>,
@@ -80,11 +85,15 @@ pub struct Server {
     /// An RA certificate of this server has expired (with `scep.expired_ra = "fail"`): NDES
     /// answers every enrolment 500, so nothing is balanced to it.
     ra_expired: AtomicBool,
+    /// `scep.expired_ra = "fail"`: an expired RA certificate takes the server out.
+    expired_ra_fails: bool,
+    /// How long the previous RA set still routes here.
+    previous_grace: Duration,
     /// Requests on their way to it now: the load the balancer compares.
     load: AtomicUsize,
     pkioperations: Arc<Semaphore>,
     ra: RwLock<Arc<RaSet>>,
-    cache: Mutex<HashMap<Bytes, Cached>>,
+    cache: Mutex<HashMap<CacheKey, Cached>>,
     ready_gauge: IntGauge,
     /// Per operation (as `OPERATIONS`), its duration and its count of 200 answers.
     answered: Vec<Answered>,
@@ -185,9 +194,14 @@ impl Server {
     }
 
     /// Takes a GetCACert answer of this server as its RA set, unless it is the one known. The
-    /// cache is emptied when the set changes: its GetCACert answers are the old ones.
+    /// cache is emptied when the set changes: its GetCACert answers are the old ones. The set
+    /// before stays routed to for a while; an answer equal to it (one that was on its way while
+    /// the set changed) does not bring it back.
     pub fn learn_ra_set(&self, body: &Bytes) -> Result<bool, String> {
-        if self.ra_set().body == *body {
+        let known = self.ra_set();
+        let now = Instant::now();
+        let fresh_previous = known.previous.as_ref().filter(|(_, _, until)| now < *until);
+        if known.body == *body || fresh_previous.is_some_and(|(b, _, _)| b == body) {
             return Ok(false);
         }
         let certs = parse_ca_certs(body).map_err(|e| e.to_string())?;
@@ -195,22 +209,45 @@ impl Server {
         for w in &mut watched {
             w.server.clone_from(&self.label);
         }
+        let expired = watched
+            .iter()
+            .any(|w| w.role == "ra" && w.not_after <= unix_now());
         let set = RaSet {
             body: body.clone(),
             names: certs.iter().flat_map(Recipient::names_of).collect(),
             watched,
+            previous: (!known.body.is_empty()).then(|| {
+                (
+                    known.body.clone(),
+                    known.names.clone(),
+                    now + self.previous_grace,
+                )
+            }),
         };
         *self.ra.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Renewed RA certificates count at once, not at the next look of the expiry watch.
+        self.set_ra_expired(expired && self.expired_ra_fails);
         tracing::info!(target: "ndes_gateway::scep", server = %self.label, certificates = certs.len(), "RA set of the NDES server read");
         Ok(true)
     }
 
+    /// Whether `recipient` names one of this server's RA (or CA) certificates, or one of those
+    /// it handed out just before.
     fn holds(&self, recipient: &Recipient) -> bool {
-        self.ra_set().names.iter().any(|n| n == recipient)
+        let set = self.ra_set();
+        set.names.iter().any(|n| n == recipient)
+            || set.previous.as_ref().is_some_and(|(_, names, until)| {
+                Instant::now() < *until && names.iter().any(|n| n == recipient)
+            })
     }
 
-    fn cached(&self, key: &Bytes, ttl: Duration) -> Option<Arc<Answer>> {
+    /// No GetCACert answer read yet: PKIOperations cannot be routed to it.
+    pub fn knows_no_ra_set(&self) -> bool {
+        self.ra_set().body.is_empty()
+    }
+
+    fn cached(&self, key: &CacheKey, ttl: Duration) -> Option<Arc<Answer>> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .get(key)
@@ -218,25 +255,21 @@ impl Server {
             .map(|c| c.answer.clone())
     }
 
-    fn keep(&self, key: Bytes, answer: &Answer, ttl: Duration) {
+    /// Keeps `answer` under `key`: an operation on a path, so a handful of entries at most.
+    fn keep(&self, key: CacheKey, answer: &Answer) {
+        let answer = Arc::new(Answer {
+            status: answer.status,
+            headers: answer.headers.clone(),
+            body: answer.body.clone(),
+        });
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_ENTRIES {
-            cache.retain(|_, c| c.stored.elapsed() < ttl);
-        }
-        if cache.len() < CACHE_ENTRIES || cache.contains_key(&key) {
-            let answer = Arc::new(Answer {
-                status: answer.status,
-                headers: answer.headers.clone(),
-                body: answer.body.clone(),
-            });
-            cache.insert(
-                key,
-                Cached {
-                    answer,
-                    stored: Instant::now(),
-                },
-            );
-        }
+        cache.insert(
+            key,
+            Cached {
+                answer,
+                stored: Instant::now(),
+            },
+        );
     }
 }
 
@@ -300,16 +333,25 @@ pub struct Cluster {
     cache_ttl: Duration,
     /// A 503's Retry-After: a probe will have looked again by then.
     retry_after: u64,
+    /// What a request may spend on NDES, and what one try may take: another server is asked
+    /// only while a whole try still fits.
+    budget: Duration,
+    one_try: Duration,
     metrics: Arc<Metrics>,
     m: ServerMetrics,
 }
 
 impl Cluster {
+    /// `expired_ra_fails`: `scep.expired_ra = "fail"`. `budget`: what a request may spend on
+    /// NDES (`limits.request_timeout` less `limits.body_timeout`), which bounds asking another
+    /// server after a failure.
     pub fn new(
         targets: Vec<UpstreamTarget>,
         c: &UpstreamConfig,
         metrics: Arc<Metrics>,
         probe_interval: Duration,
+        expired_ra_fails: bool,
+        budget: Duration,
     ) -> Result<Cluster, ConfigError> {
         let servers = c.server_list();
         // GetCACaps and GetCACert never wait behind PKIOperations: these leave them a slot.
@@ -345,6 +387,8 @@ impl Cluster {
                     ejected: Mutex::new(None),
                     set_aside: AtomicBool::new(false),
                     ra_expired: AtomicBool::new(false),
+                    expired_ra_fails,
+                    previous_grace: c.cache_ttl + PREVIOUS_RA_GRACE,
                     load: AtomicUsize::new(0),
                     pkioperations: Arc::new(Semaphore::new(per_server)),
                     ra: RwLock::default(),
@@ -384,6 +428,8 @@ impl Cluster {
             waiting: AtomicUsize::new(0),
             cache_ttl: c.cache_ttl,
             retry_after: probe_interval.as_secs().clamp(1, 60),
+            budget,
+            one_try: c.queue_timeout + c.connect_timeout + c.response_timeout,
             metrics,
             m,
         })
@@ -503,6 +549,7 @@ impl Cluster {
                 .await
                 .map_err(|error| self.undelivered(error, only));
         }
+        let started = Instant::now();
         let mut tried: Vec<usize> = Vec::with_capacity(self.servers.len());
         // What the last server said, given if no other is left to ask.
         let mut outcome: Option<Result<Delivered, Undelivered>> = None;
@@ -513,15 +560,18 @@ impl Cluster {
                 .filter(|i| !tried.contains(i) && self.servers[*i].usable())
                 .collect();
             if candidates.is_empty() && tried.is_empty() {
-                // None is known up: try them all rather than answer for them.
-                candidates = (0..self.servers.len()).collect();
+                // None is known up: one try, at the server set aside the shortest, rather than
+                // answer for them all, or try them all on every request while they are down.
+                candidates.extend(self.least_set_aside());
             }
             let (Some(i), Some(r)) = (self.pick(&candidates), req.take()) else {
                 return outcome.unwrap_or_else(|| Err(self.unavailable(&self.servers[0])));
             };
             tried.push(i);
             let server = &self.servers[i];
-            let this = if candidates.len() > 1 {
+            // Another server only while a whole try there still fits in the request's deadline.
+            let room = started.elapsed() + self.one_try <= self.budget;
+            let this = if candidates.len() > 1 && room {
                 let mut copy = copy_request(&r);
                 *copy.body_mut() = Full::new(body.clone());
                 req = Some(r);
@@ -552,6 +602,21 @@ impl Cluster {
             }
             outcome = Some(result.map_err(|error| self.undelivered(error, server)));
         }
+    }
+
+    /// The server whose probe or ejection may end first: not known down by its probe if one
+    /// is, then the one set aside until the soonest.
+    fn least_set_aside(&self) -> Option<usize> {
+        (0..self.servers.len()).min_by_key(|&i| {
+            let s = &self.servers[i];
+            let until = s
+                .ejected
+                .lock()
+                .map(|e| e.map(|(until, _)| until))
+                .ok()
+                .flatten();
+            (s.probe.load(Ordering::Relaxed) == PROBE_DOWN, until)
+        })
     }
 
     fn routed(&self, result: &str) {
@@ -596,7 +661,7 @@ impl Cluster {
     ) -> Result<Delivered, UpstreamError> {
         let target = &server.upstream.target;
         let cache_key =
-            (kind.cacheable && !self.cache_ttl.is_zero()).then(|| cache_key(req.uri(), suffix));
+            (kind.cacheable && !self.cache_ttl.is_zero()).then_some((suffix, kind.operation));
         if let Some(key) = &cache_key {
             let which = usize::from(kind.operation == "GetCACert");
             if let Some(answer) = server.cached(key, self.cache_ttl) {
@@ -634,7 +699,8 @@ impl Cluster {
         };
         if let Err(e) = &result {
             self.count_error(e.kind, server);
-            if unsent(e) && e.kind != UpstreamErrorKind::Busy {
+            // With one server there is nowhere else to send it: nothing to set aside.
+            if unsent(e) && e.kind != UpstreamErrorKind::Busy && self.is_many() {
                 server.eject(e);
             }
         }
@@ -646,7 +712,7 @@ impl Cluster {
                 }
             }
             if let Some(key) = cache_key {
-                server.keep(key, &answer, self.cache_ttl);
+                server.keep(key, &answer);
             }
         }
         Ok(Delivered {
@@ -713,8 +779,8 @@ impl Cluster {
             message,
         };
         let waiting = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        self.m.pkioperation_queue_depth.inc();
         let _waiting = Waiting(&self.waiting, &self.m.pkioperation_queue_depth);
-        self.m.pkioperation_queue_depth.set(waiting as i64);
         if waiting > self.pkioperation_queue {
             self.m.shed_full.inc();
             return Err(busy(format!(
@@ -765,6 +831,12 @@ impl Cluster {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Counts a request on its way to a server while it lives.
 struct Load<'a>(&'a AtomicUsize);
 
@@ -786,8 +858,8 @@ struct Waiting<'a>(&'a AtomicUsize, &'a IntGauge);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.1.set(now as i64);
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
     }
 }
 
@@ -804,14 +876,10 @@ fn unsent(e: &UpstreamError) -> bool {
 }
 
 /// The client's path and query, which one server answers alike for the TTL.
-fn cache_key(uri: &Uri, suffix: &str) -> Bytes {
-    let pq = uri.path_and_query().map_or("", |pq| pq.as_str());
-    let mut key = Vec::with_capacity(suffix.len() + 1 + pq.len());
-    key.extend_from_slice(suffix.as_bytes());
-    key.push(b' ');
-    key.extend_from_slice(pq.as_bytes());
-    Bytes::from(key)
-}
+/// What one server answers alike for the TTL: the operation on its path. NDES publishes one CA
+/// and answers GetCACaps and GetCACert whatever their `message` says, so the message is left
+/// out: a client varying it can neither fill the cache nor get past it.
+type CacheKey = (&'static str, &'static str);
 
 /// A cheap random number for the balancer's two picks: xorshift, per thread, seeded from the
 /// standard library's random hasher keys.
