@@ -162,19 +162,26 @@ impl Server {
     /// A connection to it failed: set it aside, longer each time in a row.
     fn eject(&self, why: &UpstreamError) {
         let mut ejected = self.ejected.lock().unwrap_or_else(|e| e.into_inner());
-        let backoff = match *ejected {
-            Some((_, last)) => (last * 2).min(EJECT_MAX),
-            None => EJECT_FIRST,
+        let now = Instant::now();
+        let (backoff, was_out) = match *ejected {
+            Some((until, last)) => ((last * 2).min(EJECT_MAX), now < until),
+            None => (EJECT_FIRST, false),
         };
-        *ejected = Some((Instant::now() + backoff, backoff));
+        *ejected = Some((now + backoff, backoff));
         self.set_aside.store(true, Ordering::Relaxed);
-        tracing::warn!(
-            target: "ndes_gateway::upstream",
-            server = %self.label,
-            for_seconds = backoff.as_secs(),
-            error = %why,
-            "NDES server set aside: no connection"
-        );
+        // Once per setting aside: with every server down, each request's one try would
+        // otherwise log again.
+        if was_out {
+            tracing::debug!(target: "ndes_gateway::upstream", server = %self.label, error = %why, "NDES server still set aside");
+        } else {
+            tracing::warn!(
+                target: "ndes_gateway::upstream",
+                server = %self.label,
+                for_seconds = backoff.as_secs(),
+                error = %why,
+                "NDES server set aside: no connection"
+            );
+        }
     }
 
     /// It answered: whatever set it aside is over.
