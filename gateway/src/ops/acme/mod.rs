@@ -185,7 +185,12 @@ impl Acme {
         } else {
             "error"
         };
-        let asked = self.setup.http.take_retry_after();
+        // The CA's wait is honoured for its rate limit; other failures back off on their own.
+        let asked = self
+            .setup
+            .http
+            .take_retry_after()
+            .filter(|_| result == "rate_limited");
         let delay = retry_delay(failures, self.listener.current().as_deref(), asked);
         let retry_at = SystemTime::now() + delay;
         let problem = describe(e);
@@ -257,6 +262,8 @@ impl Acme {
             listener: &self.listener,
             http01: &self.http01,
         };
+        // A Retry-After from before (an ARI look, an earlier try) says nothing of this order.
+        let _ = self.setup.http.take_retry_after();
         let issued = order::order(&acme_account, &self.setup.config.domains, &responders).await?;
         self.setup.state.prepare().map_err(other)?;
         self.setup
@@ -390,7 +397,9 @@ fn retry_delay(
     };
     if let Some(asked) = asked {
         let wait = asked.duration_since(now).unwrap_or_default();
-        return wait.clamp(first, MAX_ASKED_WAIT);
+        // Never so long that the certificate in force runs out meanwhile: half the time left.
+        let latest = left.map_or(MAX_ASKED_WAIT, |l| (l / 2).max(first));
+        return wait.clamp(first, MAX_ASKED_WAIT).min(latest);
     }
     let doubled = first.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(20)));
     let mut delay = doubled.min(MAX_RETRY);
