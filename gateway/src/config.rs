@@ -318,10 +318,27 @@ pub struct AcmeConfig {
 impl AcmeConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("listen.acme.{key}: {why}")));
-        if !(self.directory.starts_with("https://") || self.directory.starts_with("http://"))
-            || self.directory.parse::<http::Uri>().is_err()
-        {
+        let Ok(uri) = self.directory.parse::<http::Uri>() else {
             return bad("directory", "is not an http(s) URL of an ACME directory");
+        };
+        // RFC 8555 wants TLS: in clear, anyone on the path could answer for the CA. Plain
+        // http:// only to an ACME server on this host.
+        let loopback = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+            .is_some_and(|ip| ip.is_loopback())
+            || uri.host() == Some("localhost");
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if loopback => {}
+            Some("http") => {
+                return bad(
+                    "directory",
+                    "http:// is allowed only to an ACME server on this host (127.0.0.1, ::1); use https://",
+                )
+            }
+            _ => return bad("directory", "is not an http(s) URL of an ACME directory"),
         }
         if self.domains.is_empty() {
             return bad("domains", "names no domain");
@@ -1185,6 +1202,17 @@ mod tests {
         assert!(err.contains("missing field `cert`"), "{err}");
         let alone = without.replace("key = \"gw.key\"", "");
         assert!(Config::parse(&format!("{alone}\n{acme}")).is_ok());
+        // In clear only to an ACME server on this host.
+        let clear = acme.replace("https://acme.test", "http://acme.test");
+        let err = Config::parse(&format!("{alone}\n{clear}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listen.acme.directory: http:// is allowed only"),
+            "{err}"
+        );
+        let local = acme.replace("https://acme.test", "http://127.0.0.1:14000");
+        assert!(Config::parse(&format!("{alone}\n{local}")).is_ok());
         for (extra, key) in [
             ("challenge = \"http-01\"", "listen.acme.http01_addr"),
             ("http01_addr = \"0.0.0.0:80\"", "listen.acme.http01_addr"),
